@@ -1,0 +1,406 @@
+"""ModelConfig: one frozen dataclass describing every model family widemoe builds.
+
+Field names are the Hugging Face config.json names of the families (DeepSeek-V3, Kimi K2,
+DeepSeek-V2, Qwen3-MoE, Mixtral, OLMoE), so importing and exporting configs is a thin mapping and
+users recognise every field. A family is a configuration, not a copy of the model code: router
+scoring, normalisation, scaling, grouping, attention type and norms are all fields here.
+
+Fields that no HF family defines (balancing and training switches) are marked "widemoe" below.
+
+Validation runs when the dataclass is built (also through `dataclasses.replace`), and every error
+names the field and the rule it breaks, e.g. ``num_experts_per_tok=20 exceeds n_routed_experts=16``.
+
+Published dimensions of the presets come from the families' config.json files, collected in
+``shared/reference/architecture.md`` section (g).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCORING_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+QK_NORMS = ("none", "head", "full")
+ROPE_TYPES = ("default", "yarn")
+
+
+class ConfigError(ValueError):
+    """An invalid model configuration: the message names the field and the rule."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # --- identity --------------------------------------------------------------------------
+    model_type: str = "deepseek_v3"  # HF family tag; widemoe-native models use deepseek_v3
+
+    # --- sizes -------------------------------------------------------------------------------
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    intermediate_size: int = 128  # dense SwiGLU width (first_k_dense_replace layers)
+    moe_intermediate_size: int = 32  # width of one routed expert
+    hidden_act: str = "silu"
+
+    # --- mixture of experts ----------------------------------------------------------------
+    n_routed_experts: int = 8
+    n_shared_experts: int = 0  # one fused SwiGLU of width n_shared_experts * moe_intermediate_size
+    num_experts_per_tok: int = 2
+    first_k_dense_replace: int = 0  # layers [0, k) use the dense SwiGLU
+    mlp_only_layers: tuple[int, ...] = ()  # Qwen3-MoE: explicit dense layers
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"  # noaux_tc: selection bias + top-2-sum groups; greedy; group_limited_greedy (max)
+    norm_topk_prob: bool = True
+    # widemoe: Switch/GShard capacity; None = dropless (the default). Never drops in eval.
+    capacity_factor: float | None = None
+
+    # --- balancing (coefficients of the losses added to the LM loss; 0 disables) -------------
+    aux_loss_alpha: float = 0.0  # DeepSeek sequence-wise balance loss (HF name; paper-V3 uses 1e-4)
+    router_aux_loss_coef: float = 0.0  # Switch-style load-balancing loss (HF name)
+    router_z_loss_coef: float = 0.0  # router z-loss (OLMoE name)
+    bias_update_speed: float = 1e-3  # widemoe: aux-loss-free bias step u (noaux_tc routers only)
+
+    # --- attention ---------------------------------------------------------------------------
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None  # GQA; None = num_attention_heads
+    head_dim: int | None = None  # GQA head width; None = hidden_size // num_attention_heads
+    q_lora_rank: int | None = None  # MLA low-rank query path; None = one q_proj
+    kv_lora_rank: int | None = None  # MLA latent width; None = GQA attention
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    qk_norm: str = "none"  # none | head (Qwen3: per head) | full (OLMoE: over all heads)
+    attention_bias: bool = False
+
+    # --- positions ---------------------------------------------------------------------------
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_interleave: bool = True  # DeepSeek: interleaved pairs; Qwen/Mixtral/OLMoE: rotate-half
+    max_position_embeddings: int = 4096
+
+    # --- heads, norms, misc ------------------------------------------------------------------
+    num_nextn_predict_layers: int = 0  # MTP modules
+    mtp_loss_weight: float = 0.3  # widemoe: lambda of the MTP loss (paper-V3: 0.3, then 0.1)
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = None
+
+    # ------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if isinstance(self.mlp_only_layers, list):
+            object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
+        _validate(self)
+
+    # --- derived properties --------------------------------------------------------------------
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def gqa_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Query/key width per head (MLA: nope + rope)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.gqa_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels that RoPE rotates per head."""
+        return self.qk_rope_head_dim if self.is_mla else self.gqa_head_dim
+
+    @property
+    def uses_selection_bias(self) -> bool:
+        """Routers with an e_score_correction_bias (aux-loss-free balancing)."""
+        return self.topk_method == "noaux_tc"
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace and layer_idx not in self.mlp_only_layers
+
+    @property
+    def moe_layer_indices(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    @property
+    def yarn(self) -> dict[str, Any] | None:
+        rs = self.rope_scaling
+        if rs and (rs.get("type") or rs.get("rope_type")) == "yarn":
+            return rs
+        return None
+
+    # --- construction helpers ------------------------------------------------------------------
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed; validated like any other config."""
+        _check_known(changes, "replace()")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mlp_only_layers"] = list(self.mlp_only_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> ModelConfig:
+        """Build from widemoe's own field names; unknown keys are an error naming them."""
+        _check_known(d, source)
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Read a widemoe config from JSON or TOML. A `preset` key starts from that preset."""
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
+        try:
+            if p.suffix == ".toml":
+                import tomllib
+
+                d = tomllib.loads(text)
+            else:
+                d = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - any parse error becomes a ConfigError naming the file
+            raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: expected a mapping of config fields at the top level")
+        base = d.pop("preset", None)
+        if base is not None:
+            _check_known(d, str(p))
+            return get_preset(base).replace(**d)
+        return cls.from_dict(d, source=str(p))
+
+
+def _check_known(d: dict[str, Any], source: str) -> None:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown config field(s) {unknown}; known fields are listed in widemoe.config")
+
+
+def _validate(c: ModelConfig) -> None:
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings"):
+        v = getattr(c, name)
+        need(isinstance(v, int) and v > 0, f"{name}={v!r} must be a positive integer")
+    for name in ("intermediate_size", "moe_intermediate_size", "n_routed_experts", "n_shared_experts",
+                 "num_experts_per_tok", "first_k_dense_replace", "num_nextn_predict_layers"):
+        v = getattr(c, name)
+        need(isinstance(v, int) and v >= 0, f"{name}={v!r} must be a non-negative integer")
+    need(c.hidden_act == "silu", f"hidden_act={c.hidden_act!r} is not supported (only 'silu' SwiGLU)")
+    need(c.first_k_dense_replace <= c.num_hidden_layers,
+         f"first_k_dense_replace={c.first_k_dense_replace} exceeds num_hidden_layers={c.num_hidden_layers}")
+    for i in c.mlp_only_layers:
+        need(0 <= i < c.num_hidden_layers,
+             f"mlp_only_layers contains {i}, outside [0, num_hidden_layers={c.num_hidden_layers})")
+    has_dense = any(not c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+    if has_dense:
+        need(c.intermediate_size > 0, "intermediate_size must be > 0 when a dense layer exists "
+             f"(first_k_dense_replace={c.first_k_dense_replace}, mlp_only_layers={list(c.mlp_only_layers)})")
+
+    # MoE
+    has_moe = bool(c.moe_layer_indices)
+    if has_moe:
+        E, k = c.n_routed_experts, c.num_experts_per_tok
+        need(E >= 1, f"n_routed_experts={E} must be >= 1 when the model has MoE layers")
+        need(c.moe_intermediate_size > 0, f"moe_intermediate_size={c.moe_intermediate_size} must be > 0")
+        need(k >= 1, f"num_experts_per_tok={k} must be >= 1")
+        need(k <= E, f"num_experts_per_tok={k} exceeds n_routed_experts={E}")
+        need(c.n_group >= 1, f"n_group={c.n_group} must be >= 1")
+        need(E % c.n_group == 0, f"n_routed_experts={E} is not divisible by n_group={c.n_group}")
+        need(1 <= c.topk_group <= c.n_group, f"topk_group={c.topk_group} must be in [1, n_group={c.n_group}]")
+        per_group = E // c.n_group
+        need(k <= c.topk_group * per_group,
+             f"num_experts_per_tok={k} exceeds topk_group*experts_per_group={c.topk_group}*{per_group}: "
+             "the kept groups cannot supply that many experts")
+        if c.n_group > 1 and c.topk_method == "noaux_tc":
+            need(per_group >= 2, f"n_routed_experts/n_group={per_group} must be >= 2: "
+                 "group scores are the sum of each group's top-2 experts")
+    need(c.scoring_func in SCORING_FUNCS, f"scoring_func={c.scoring_func!r} must be one of {SCORING_FUNCS}")
+    need(c.topk_method in TOPK_METHODS, f"topk_method={c.topk_method!r} must be one of {TOPK_METHODS}")
+    need(c.routed_scaling_factor > 0, f"routed_scaling_factor={c.routed_scaling_factor} must be > 0")
+    if c.capacity_factor is not None:
+        need(c.capacity_factor > 0, f"capacity_factor={c.capacity_factor} must be > 0 (or None for dropless)")
+    for name in ("aux_loss_alpha", "router_aux_loss_coef", "router_z_loss_coef", "bias_update_speed",
+                 "mtp_loss_weight"):
+        v = getattr(c, name)
+        need(isinstance(v, (int, float)) and v >= 0 and math.isfinite(v), f"{name}={v!r} must be finite and >= 0")
+
+    # attention
+    H = c.num_attention_heads
+    if c.is_mla:
+        need(c.kv_lora_rank > 0, f"kv_lora_rank={c.kv_lora_rank} must be > 0 (or null for GQA attention)")
+        need(c.q_lora_rank is None or c.q_lora_rank > 0,
+             f"q_lora_rank={c.q_lora_rank} must be > 0 or null (null = a single q_proj)")
+        need(c.qk_rope_head_dim > 0 and c.qk_rope_head_dim % 2 == 0,
+             f"qk_rope_head_dim={c.qk_rope_head_dim} must be a positive even number")
+        need(c.qk_nope_head_dim >= 0, f"qk_nope_head_dim={c.qk_nope_head_dim} must be >= 0")
+        need(c.v_head_dim > 0, f"v_head_dim={c.v_head_dim} must be > 0")
+    else:
+        kvh = c.kv_heads
+        need(kvh >= 1 and H % kvh == 0,
+             f"num_attention_heads={H} is not divisible by num_key_value_heads={kvh}")
+        hd = c.gqa_head_dim
+        need(hd > 0 and hd % 2 == 0, f"head_dim={hd} must be a positive even number (RoPE rotates pairs)")
+        if c.head_dim is None:
+            need(c.hidden_size % H == 0, f"hidden_size={c.hidden_size} is not divisible by "
+                 f"num_attention_heads={H}; set head_dim explicitly")
+    need(c.qk_norm in QK_NORMS, f"qk_norm={c.qk_norm!r} must be one of {QK_NORMS}")
+    need(c.rms_norm_eps > 0, f"rms_norm_eps={c.rms_norm_eps} must be > 0")
+    need(c.rope_theta > 0, f"rope_theta={c.rope_theta} must be > 0")
+
+    rs = c.rope_scaling
+    if rs is not None:
+        need(isinstance(rs, dict), f"rope_scaling={rs!r} must be a mapping or null")
+        kind = rs.get("type", rs.get("rope_type"))
+        need(kind in ROPE_TYPES, f"rope_scaling.type={kind!r} must be one of {ROPE_TYPES}")
+        if kind == "yarn":
+            f = rs.get("factor")
+            need(isinstance(f, (int, float)) and f >= 1,
+                 f"rope_scaling.factor={f!r} must be a number >= 1 for YaRN")
+            L0 = rs.get("original_max_position_embeddings")
+            need(isinstance(L0, int) and L0 > 0,
+                 f"rope_scaling.original_max_position_embeddings={L0!r} must be a positive integer for YaRN")
+            for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                v = rs.get(key)
+                need(v is None or (isinstance(v, (int, float)) and v >= 0),
+                     f"rope_scaling.{key}={v!r} must be a non-negative number")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(c, name)
+        need(v is None or (isinstance(v, int) and 0 <= v < c.vocab_size),
+             f"{name}={v!r} must be null or a token id in [0, vocab_size={c.vocab_size})")
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets. Real models carry their published dimensions (config.json of each release); `tiny` is
+# the CPU demo size and `micro` the test size.
+
+
+def _yarn(factor: float, L0: int, beta_fast: float = 32, beta_slow: float = 1, mscale: float = 1.0,
+          mscale_all_dim: float = 1.0) -> dict[str, Any]:
+    return {"type": "yarn", "factor": factor, "original_max_position_embeddings": L0,
+            "beta_fast": beta_fast, "beta_slow": beta_slow, "mscale": mscale, "mscale_all_dim": mscale_all_dim}
+
+
+_DEEPSEEK_V3 = dict(
+    model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, num_hidden_layers=61,
+    intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
+    num_experts_per_tok=8, first_k_dense_replace=3, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+    scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, num_attention_heads=128,
+    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    rope_theta=10000.0, rope_scaling=_yarn(40, 4096), rope_interleave=True, max_position_embeddings=163840,
+    num_nextn_predict_layers=1, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, aux_loss_alpha=1e-4,
+)
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "deepseek-v3": _DEEPSEEK_V3,
+    "kimi-k2": {
+        **_DEEPSEEK_V3, "model_type": "kimi_k2", "vocab_size": 163840, "first_k_dense_replace": 1,
+        "n_routed_experts": 384, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.827,
+        "num_attention_heads": 64, "rope_theta": 50000.0, "rope_scaling": _yarn(32, 4096, beta_fast=1, beta_slow=1),
+        "max_position_embeddings": 131072, "num_nextn_predict_layers": 0,
+        "bos_token_id": 163584, "eos_token_id": 163585,
+    },
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, num_hidden_layers=27,
+        intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2,
+        num_experts_per_tok=6, first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, num_attention_heads=16,
+        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        rope_theta=10000.0, rope_scaling=_yarn(40, 4096, mscale=0.707, mscale_all_dim=0.707),
+        rope_interleave=True, max_position_embeddings=163840, rms_norm_eps=1e-6,
+        bos_token_id=100000, eos_token_id=100001, aux_loss_alpha=1e-3,
+    ),
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
+        intermediate_size=6144, moe_intermediate_size=768, n_routed_experts=128, n_shared_experts=0,
+        num_experts_per_tok=8, scoring_func="softmax", topk_method="greedy", norm_topk_prob=True,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, qk_norm="head",
+        rope_theta=1_000_000.0, rope_interleave=False, max_position_embeddings=40960, rms_norm_eps=1e-6,
+        bos_token_id=151643, eos_token_id=151645, router_aux_loss_coef=1e-3,
+    ),
+    "qwen3-235b-a22b": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=4096, num_hidden_layers=94,
+        intermediate_size=12288, moe_intermediate_size=1536, n_routed_experts=128, n_shared_experts=0,
+        num_experts_per_tok=8, scoring_func="softmax", topk_method="greedy", norm_topk_prob=True,
+        num_attention_heads=64, num_key_value_heads=4, head_dim=128, qk_norm="head",
+        rope_theta=1_000_000.0, rope_interleave=False, max_position_embeddings=40960, rms_norm_eps=1e-6,
+        bos_token_id=151643, eos_token_id=151645, router_aux_loss_coef=1e-3,
+    ),
+    "mixtral-8x7b": dict(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
+        intermediate_size=14336, moe_intermediate_size=14336, n_routed_experts=8, n_shared_experts=0,
+        num_experts_per_tok=2, scoring_func="softmax", topk_method="greedy", norm_topk_prob=True,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0,
+        rope_interleave=False, max_position_embeddings=32768, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, router_aux_loss_coef=0.02,
+    ),
+    "olmoe-1b-7b": dict(
+        model_type="olmoe", vocab_size=50304, hidden_size=2048, num_hidden_layers=16,
+        intermediate_size=1024, moe_intermediate_size=1024, n_routed_experts=64, n_shared_experts=0,
+        num_experts_per_tok=8, scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
+        num_attention_heads=16, num_key_value_heads=16, head_dim=128, qk_norm="full",
+        rope_theta=10000.0, rope_interleave=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        bos_token_id=None, eos_token_id=50279, pad_token_id=1, router_aux_loss_coef=0.01,
+        router_z_loss_coef=1e-3,
+    ),
+    # CPU demo size: DeepSeek-V3 style (MLA, fine-grained routed experts, one shared expert,
+    # sigmoid router, aux-loss-free balancing, one MTP module). Trains in minutes on 2 cores.
+    "tiny": dict(
+        model_type="deepseek_v3", vocab_size=4096, hidden_size=256, num_hidden_layers=4,
+        intermediate_size=768, moe_intermediate_size=128, n_routed_experts=32, n_shared_experts=1,
+        num_experts_per_tok=6, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, num_attention_heads=4,
+        q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        rope_theta=10000.0, rope_scaling=_yarn(4, 256), rope_interleave=True, max_position_embeddings=1024,
+        num_nextn_predict_layers=1, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=0,
+    ),
+    # Test size: every DeepSeek-V3 feature at toy width (groups, bias, shared expert, MTP, YaRN with a
+    # short original length so tests run past it).
+    "micro": dict(
+        model_type="deepseek_v3", vocab_size=256, hidden_size=64, num_hidden_layers=3,
+        intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, num_attention_heads=4,
+        q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        rope_theta=10000.0, rope_scaling=_yarn(4, 32), rope_interleave=True, max_position_embeddings=128,
+        num_nextn_predict_layers=1, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=0,
+    ),
+}
+
+PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)
+
+
+def get_preset(name: str, **overrides: Any) -> ModelConfig:
+    """The named preset as a validated ModelConfig, with optional field overrides."""
+    if name not in _PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    d = dict(_PRESETS[name])
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = dict(d["rope_scaling"])
+    _check_known(overrides, f"preset {name!r} overrides")
+    d.update(overrides)
+    return ModelConfig(**d)
+
+
+__all__ = ["ConfigError", "ModelConfig", "PRESET_NAMES", "get_preset"]
+
