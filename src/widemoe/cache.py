@@ -1,0 +1,110 @@
+"""Key/value caches for incremental decoding.
+
+A `KVCache` holds one `LayerCache` per decoder layer. A layer stores named tensors laid out
+``[B, S, ...]`` (S = cached positions): GQA layers store ``"k"`` and ``"v"`` ``[B, S, KVH, hd]``
+(after RoPE and k_norm); MLA layers store one ``"latent"`` ``[B, S, kv_lora_rank + rope]`` entry that
+is ``[kv_a_layernorm(c_kv) ; rotated k_pe]`` (see `widemoe.model.attention`), i.e. exactly
+``kv_lora_rank + qk_rope_head_dim`` values per token per layer, as DeepSeek's absorbed MLA.
+
+Growth is geometric (capacity doubles), so appending one token at a time costs amortised O(1)
+copies per token instead of re-concatenating the whole history (O(S^2)). `append` returns a view of
+the stored entries; a later append never changes the values of a view returned earlier (it writes
+past its end, or into a new buffer).
+
+The cache is an inference structure: use it under ``torch.no_grad()`` / ``torch.inference_mode()``.
+Batch rows can be dropped or reordered with `select` (e.g. finished sequences, beam search).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MIN_CAPACITY = 16  # first allocation, in positions; avoids several tiny reallocations at the start
+
+
+class LayerCache:
+    """Named, growable ``[B, S, ...]`` buffers of one layer."""
+
+    def __init__(self) -> None:
+        self._buf: dict[str, torch.Tensor] = {}
+        self._len: dict[str, int] = {}
+
+    def append(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Append ``x [B, T, ...]`` along dim 1 to entry ``name``; returns all stored ``[B, S, ...]``."""
+        if x.dim() < 2:
+            raise ValueError(f"LayerCache.append({name!r}): x must be [B, T, ...], got {tuple(x.shape)}")
+        buf, n = self._buf.get(name), self._len.get(name, 0)
+        need = n + x.shape[1]
+        if buf is not None and (buf.shape[0] != x.shape[0] or buf.shape[2:] != x.shape[2:]
+                                or buf.dtype != x.dtype or buf.device != x.device):
+            raise ValueError(
+                f"LayerCache.append({name!r}): x {tuple(x.shape)} {x.dtype} does not match the stored "
+                f"[B={buf.shape[0]}, S, {', '.join(map(str, buf.shape[2:]))}] {buf.dtype} on {buf.device}; "
+                "the rule is same batch, trailing dims, dtype and device")
+        if buf is None or need > buf.shape[1]:
+            cap = max(need, _MIN_CAPACITY, 2 * (buf.shape[1] if buf is not None else 0))
+            new = x.new_empty((x.shape[0], cap, *x.shape[2:]))
+            if buf is not None and n:
+                new[:, :n].copy_(buf[:, :n])
+            buf = self._buf[name] = new
+        buf[:, n:need].copy_(x)
+        self._len[name] = need
+        return buf[:, :need]
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """All stored entries of ``name`` (a view), or None if nothing was appended."""
+        buf = self._buf.get(name)
+        return None if buf is None else buf[:, : self._len[name]]
+
+    def names(self) -> list[str]:
+        return list(self._buf)
+
+    @property
+    def seq_len(self) -> int:
+        """Positions stored (0 when empty). All entries of a layer are appended together."""
+        return max(self._len.values(), default=0)
+
+    def nbytes(self) -> int:
+        """Bytes of the stored entries, not counting spare capacity."""
+        return sum(self.get(k).numel() * self._buf[k].element_size() for k in self._buf)
+
+    def capacity_nbytes(self) -> int:
+        """Bytes allocated, spare capacity included."""
+        return sum(b.numel() * b.element_size() for b in self._buf.values())
+
+    def select(self, batch_idx: torch.Tensor) -> None:
+        """Keep (or reorder) batch rows: row j becomes old row ``batch_idx[j]``."""
+        for k, b in self._buf.items():
+            self._buf[k] = b.index_select(0, batch_idx.to(b.device))
+
+
+class KVCache:
+    """One `LayerCache` per decoder layer."""
+
+    def __init__(self, num_layers: int) -> None:
+        if num_layers <= 0:
+            raise ValueError(f"KVCache: num_layers={num_layers} must be a positive integer")
+        self.layers = [LayerCache() for _ in range(num_layers)]
+
+    def layer(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def seq_len(self) -> int:
+        """Cached positions, read from layer 0 (the model reads it before its forward appends)."""
+        return self.layers[0].seq_len
+
+    def nbytes(self) -> int:
+        """Bytes actually held for keys/values/latents over all layers (not spare capacity)."""
+        return sum(lc.nbytes() for lc in self.layers)
+
+    def select(self, batch_idx: torch.Tensor) -> None:
+        """Keep (or reorder) batch rows in every layer, e.g. to drop finished sequences."""
+        for lc in self.layers:
+            lc.select(batch_idx)
+
+
+__all__ = ["KVCache", "LayerCache"]

@@ -1,0 +1,213 @@
+"""Building blocks shared by every family: RMSNorm, SwiGLU, rotary positions (RoPE with YaRN).
+
+References:
+- RMSNorm: Zhang & Sennrich 2019; numerics as transformers 5.24 (`DeepseekV3RMSNorm`): normalise in
+  fp32, cast back to the input dtype, then multiply by the weight.
+- SwiGLU: Shazeer 2020, "GLU Variants Improve Transformer": ``down(silu(gate(x)) * up(x))``.
+- RoPE: Su et al. 2021. Two channel layouts:
+  * interleaved pairs (x0,x1),(x2,x3)... (DeepSeek checkpoints). The output layout is exactly that of
+    transformers' ``apply_rotary_pos_emb_interleave``: ``[even-rotated ; odd-rotated]``, i.e. the
+    rotated channels come out de-interleaved. q and k get the same permutation, so q.k is unchanged,
+    and cached keys are stored in this layout (all widemoe code reads them back through q rotated
+    the same way).
+  * rotate-half (Qwen3-MoE, Mixtral, OLMoE): pairs (x_i, x_{i+d/2}).
+- YaRN: Peng et al. 2023, in the DeepSeek variant (see shared/reference/architecture.md (d)), matched
+  operation for operation to transformers 5.24 ``_compute_yarn_parameters`` (including ``truncate``,
+  default True, and the ``beta_fast or 32`` / ``beta_slow or 1`` defaults) so inv_freq is bit-equal.
+
+cos/sin are never scaled (the contract in docs/internals.md). transformers multiplies cos/sin by a YaRN
+``attention_factor`` = mscale(s, mscale)/mscale(s, mscale_all_dim) (DeepSeek: 1.0, since both are
+equal) or mscale(s, 1) when those keys are absent (Qwen3/Mixtral/OLMoE with YaRN: 0.1 ln s + 1).
+Since q and k both carry it, it multiplies the rotated part of every score by ``attention_factor**2``;
+widemoe folds that into the scores instead: into ``softmax_scale`` for GQA (whole head rotated, so
+exact), and as a factor on the rotated query channels for MLA (``rope_score_factor``).
+
+Shapes: B batch, T tokens, H heads, d channels per head.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from widemoe.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in fp32; ``weight * x_normed.to(input_dtype)``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases."""
+
+    def __init__(self, hidden: int, width: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# YaRN helpers
+
+
+def mscale(scale: float, m: float = 1.0) -> float:
+    """YaRN attention temperature: ``0.1 * m * ln(scale) + 1`` for scale > 1, else 1."""
+    if scale <= 1:
+        return 1.0
+    return 0.1 * m * math.log(scale) + 1.0
+
+
+def _yarn_factor(config: ModelConfig, rs: dict[str, Any]) -> float:
+    f = rs.get("factor")
+    # transformers: a missing factor falls back to max_position_embeddings / original length
+    if f is None:
+        return config.max_position_embeddings / rs["original_max_position_embeddings"]
+    return float(f)
+
+
+def rope_attention_factor(config: ModelConfig) -> float:
+    """The factor transformers multiplies cos/sin by (``attention_factor`` of YaRN); 1.0 without YaRN.
+
+    widemoe never applies it to cos/sin; see the module docstring for where it goes instead.
+    """
+    rs = config.yarn
+    if rs is None:
+        return 1.0
+    if rs.get("attention_factor") is not None:
+        return float(rs["attention_factor"])
+    s = _yarn_factor(config, rs)
+    m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    if m and m_all:
+        return float(mscale(s, m) / mscale(s, m_all))
+    return mscale(s)
+
+
+def rope_score_factor(config: ModelConfig) -> float:
+    """Factor on the rotated part of MLA scores (transformers' cos/sin factor, squared); 1.0 for DeepSeek."""
+    return rope_attention_factor(config) ** 2
+
+
+def softmax_scale(config: ModelConfig) -> float:
+    """Scale applied to q.k before the softmax.
+
+    MLA (DeepSeek families): ``qk_head_dim**-0.5 * mscale(factor, mscale_all_dim)**2`` under YaRN (as
+    transformers' ``yarn_apply_mscale``: nothing when mscale_all_dim is absent or 0).
+    GQA (Qwen3/Mixtral/OLMoE): ``head_dim**-0.5 * attention_factor**2`` under YaRN, which is exactly
+    transformers' scaling of cos/sin by attention_factor, folded into the scale.
+    """
+    scale = config.qk_head_dim ** -0.5
+    rs = config.yarn
+    if rs is None:
+        return scale
+    if config.is_mla:
+        m_all = rs.get("mscale_all_dim") or 0
+        if m_all:
+            scale = scale * mscale(_yarn_factor(config, rs), m_all) ** 2
+        return scale
+    return scale * rope_attention_factor(config) ** 2
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies ``[rope_dim/2]`` fp32, YaRN-corrected when ``config.rope_scaling`` is YaRN.
+
+    Mirrors transformers 5.24 (default rope and ``_compute_yarn_parameters``) operation by operation.
+    """
+    dim, base = config.rope_dim, float(config.rope_theta)
+    rs = config.yarn
+    if rs is None:
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+
+    factor = _yarn_factor(config, rs)
+    L0 = rs["original_max_position_embeddings"]
+    beta_fast = rs.get("beta_fast") or 32
+    beta_slow = rs.get("beta_slow") or 1
+    truncate = rs.get("truncate", True)
+
+    def correction_dim(n_rot: float) -> float:
+        # the channel index whose wavelength completes n_rot rotations over the original length
+        return (dim * math.log(L0 / (n_rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a hard step (Kimi K2: beta_fast == beta_slow); avoid dividing by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = (1 - ramp).to(device=device, dtype=torch.float)  # 1 = keep the original frequency
+
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float) / dim)
+    inv_freq_extrapolation = 1.0 / pos_freqs
+    inv_freq_interpolation = 1.0 / (factor * pos_freqs)
+    return inv_freq_interpolation * (1 - extrapolation) + inv_freq_extrapolation * extrapolation
+
+
+class RotaryEmbedding(nn.Module):
+    """Angles of RoPE: ``forward(position_ids_BT) -> (cos, sin)``, each ``[B, T, rope_dim/2]`` fp32.
+
+    inv_freq is a non-persistent fp32 buffer; if a dtype cast (``model.to(bf16)``) lowered it, it is
+    recomputed in fp32 rather than used at reduced precision.
+    """
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def forward(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_inv_freq(self.config, device=self.inv_freq.device)
+        freqs_BTF = position_ids_BT[..., None].to(torch.float32) * self.inv_freq.to(position_ids_BT.device)
+        return freqs_BTF.cos(), freqs_BTF.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate ``x [B, T, H, d]`` by angles ``cos/sin [B, T, d/2]``; returns x's dtype.
+
+    The rotation is computed in fp32 (as DeepSeek's reference does) and cast back.
+    interleave=True: pairs (x[2i], x[2i+1]); output ``[x_even*c - x_odd*s ; x_odd*c + x_even*s]``
+    (transformers' ``apply_rotary_pos_emb_interleave`` layout). interleave=False: pairs (x[i], x[i+d/2]),
+    output in place (transformers' ``apply_rotary_pos_emb``).
+    """
+    d = x.shape[-1]
+    if cos.shape[-1] * 2 != d:
+        raise ValueError(f"apply_rope: x has {d} channels but cos/sin have {cos.shape[-1]}; "
+                         "the rule is d == 2 * cos.shape[-1]")
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    xf = x.to(torch.float32)
+    if interleave:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    else:
+        x1, x2 = xf[..., : d // 2], xf[..., d // 2 :]
+    out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    return out.to(x.dtype)
+
+
+__all__ = [
+    "RMSNorm", "SwiGLU", "RotaryEmbedding", "apply_rope", "softmax_scale", "mscale", "rope_inv_freq",
+    "rope_attention_factor", "rope_score_factor",
+]
