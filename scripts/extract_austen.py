@@ -147,7 +147,9 @@ def _read_block(rdb: bytes, offset: int, where: str) -> tuple[bytes, int]:
     dec = zlib.decompressobj()
     payload = dec.decompress(rdb[offset + 4 :])
     if len(payload) != expected or not dec.eof:
-        raise RdbError(f"{where}: block at {offset} decompressed to {len(payload)} bytes, header says {expected}")
+        raise RdbError(
+            f"{where}: block at {offset} decompressed to {len(payload)} bytes, header says {expected}"
+        )
     end = len(rdb) - len(dec.unused_data)
     return payload, end
 
@@ -162,7 +164,9 @@ def read_novels(rdb_path: Path) -> dict[str, list[str]]:
         if not isinstance(index, dict) or not isinstance(index.get("variables"), dict):
             raise RdbError(f"{rdx_path}: expected a named list with 'variables'")
         if index.get("compressed") not in ([True], [1]):
-            raise RdbError(f"{rdx_path}: compressed={index.get('compressed')} (only zlib, TRUE, is supported)")
+            raise RdbError(
+                f"{rdx_path}: compressed={index.get('compressed')} (only zlib, TRUE, is supported)"
+            )
         offsets = [(name, pos[0]) for name, pos in index["variables"].items()]
     else:
         offsets, pos = [], 0
@@ -186,7 +190,9 @@ def vendored_text(novels: dict[str, list[str]]) -> str:
     for key in sorted(novels):
         if key not in TITLES:
             raise RdbError(f"unknown object {key!r} in the package (expected one of {sorted(TITLES)})")
-        parts.append(NOVEL_HEADER.format(title=TITLES[key]) + "\n" + "\n".join(novels[key]).strip("\n") + "\n")
+        parts.append(
+            NOVEL_HEADER.format(title=TITLES[key]) + "\n" + "\n".join(novels[key]).strip("\n") + "\n"
+        )
     return "".join(parts)
 
 

@@ -85,6 +85,21 @@ class KVCache:
         if num_layers <= 0:
             raise ValueError(f"KVCache: num_layers={num_layers} must be a positive integer")
         self.layers = [LayerCache() for _ in range(num_layers)]
+        self._committed = 0  # positions confirmed by `advance`
+
+    def advance(self, T: int) -> None:
+        """Mark the end of a forward over T new tokens: checks that every layer appended exactly T.
+
+        seq_len is derived from the stored entries, so this only guards against a layer that skipped
+        (or doubled) its append, which would silently misalign positions in later steps.
+        """
+        want = self._committed + T
+        bad = [i for i, lc in enumerate(self.layers) if lc.seq_len != want]
+        if bad:
+            raise RuntimeError(f"KVCache.advance({T}): layers {bad[:8]} hold "
+                               f"{[self.layers[i].seq_len for i in bad[:8]]} positions, expected {want}; "
+                               "the rule is every layer appends each new token once")
+        self._committed = want
 
     def layer(self, i: int) -> LayerCache:
         return self.layers[i]

@@ -363,6 +363,14 @@ _PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=None, eos_token_id=50279, pad_token_id=1, router_aux_loss_coef=0.01,
         router_z_loss_coef=1e-3,
     ),
+    # Not a release: the seed article's DeepSeek-V4 description (about 1T total, about 32B active, 16
+    # routed experts per token, fine-grained experts plus shared experts) on the V3 architecture.
+    # V3's skeleton, Kimi K2's 64 heads, experts split in two (width 1024, top-16, 2 shared of the
+    # new width = V3's one shared expert), E raised to 768 to reach ~1T. docs/cost.md derives it.
+    "v4-seed": {
+        **_DEEPSEEK_V3, "n_routed_experts": 768, "moe_intermediate_size": 1024, "num_experts_per_tok": 16,
+        "n_shared_experts": 2, "num_attention_heads": 64,
+    },
     # CPU demo size: DeepSeek-V3 style (MLA, fine-grained routed experts, one shared expert,
     # sigmoid router, aux-loss-free balancing, one MTP module). Trains in minutes on 2 cores.
     "tiny": dict(

@@ -124,9 +124,11 @@ def softmax_scale(config: ModelConfig) -> float:
     if config.is_mla:
         m_all = rs.get("mscale_all_dim") or 0
         if m_all:
-            scale = scale * mscale(_yarn_factor(config, rs), m_all) ** 2
+            m = mscale(_yarn_factor(config, rs), m_all)
+            scale = scale * m * m  # transformers' order of operations, for bit-equal scales
         return scale
-    return scale * rope_attention_factor(config) ** 2
+    af = rope_attention_factor(config)
+    return scale * af * af
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> torch.Tensor:

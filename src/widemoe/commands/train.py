@@ -1,0 +1,59 @@
+"""`widemoe train`: train a model on the embedded prose/code/math corpus (see widemoe.train.trainer)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from widemoe.train.trainer import BALANCE_MODES, TrainConfig
+
+    d = TrainConfig()
+    p = subparsers.add_parser("train", help="train a model on the embedded corpus",
+                              description=__doc__)
+    p.add_argument("--run-dir", default=d.run_dir, help="where checkpoints, metrics and the report go")
+    p.add_argument("--preset", default=d.preset, help="model preset (default: %(default)s)")
+    p.add_argument("--config", dest="config_file", default=None, help="widemoe model config (JSON or TOML)")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (about 2.5x faster matmuls on AVX512-BF16)")
+    p.add_argument("--balance", choices=BALANCE_MODES, default=d.balance)
+    p.add_argument("--bias-update-speed", type=float, default=None)
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--keep-last", type=int, default=d.keep_last)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", action="store_true", help="continue from the newest committed checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from widemoe.runtime import configure_cpu_runtime
+    from widemoe.train.run import run_training
+    from widemoe.train.trainer import TrainConfig, TrainingStopped
+
+    configure_cpu_runtime()
+    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    try:
+        tc = TrainConfig(**fields)
+        result = run_training(tc)
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ev = result["final_eval"] or {}
+    print(f"trained {result['steps']} steps into {result['run_dir']}; held-out loss per domain: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in ev.get("heldout_loss", {}).items()))
+    return 0

@@ -1,0 +1,1 @@
+"""Training: the loop (`trainer`), crash-safe checkpoints (`checkpoint`) and metrics (`metrics`)."""

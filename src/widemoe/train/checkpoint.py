@@ -1,0 +1,120 @@
+"""Crash-safe training checkpoints: a Hugging Face model directory plus the training state.
+
+Layout of one checkpoint, `RUN/checkpoints/step-00000100/`:
+
+    config.json, model*.safetensors, tokenizer*.json   the model, loadable by widemoe and transformers
+    trainer_state.pt                                  optimizer, scheduler, data cursor, RNG states, step
+    COMMITTED                                         written last; a directory without it is ignored
+
+A checkpoint is written into `step-XXXXXXXX.tmp-<pid>/`, every file fsynced, the directory renamed to
+its final name and fsynced, and only then is the `COMMITTED` marker written and fsynced. A process
+killed at any moment therefore leaves either the previous checkpoint as the newest committed one or
+the new one complete. Retention deletes old committed checkpoints but never the newest one.
+
+The training state is loaded with `torch.load(weights_only=True)`: no pickled code ever runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MARKER = "COMMITTED"
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            _fsync_path(p)
+    _fsync_path(path)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def committed_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Committed checkpoints, oldest first; temporary and unmarked directories are ignored."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = committed_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path], None],
+                    state: dict[str, Any], keep_last: int = 2,
+                    before_commit: Callable[[Path], None] | None = None) -> Path:
+    """Write one checkpoint atomically; `write_model(dir)` writes the HF model files into `dir`.
+
+    `before_commit` is a test hook called after the rename and before the marker.
+    """
+    final = checkpoint_dir(Path(run_dir), step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f"{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write_model(tmp)
+    torch.save(state, tmp / STATE_FILE)
+    _fsync_tree(tmp)
+    if final.exists():  # an uncommitted leftover of a crashed save of the same step
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_path(final.parent)
+    if before_commit is not None:
+        before_commit(final)
+    marker = final / MARKER
+    with open(marker, "w") as f:
+        f.write(f"{step}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_path(final)
+    _apply_retention(Path(run_dir), keep_last)
+    return final
+
+
+def _apply_retention(run_dir: Path, keep_last: int) -> None:
+    committed = committed_checkpoints(run_dir)
+    newest = committed[-1] if committed else None
+    for old in committed[: max(0, len(committed) - max(1, keep_last))]:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
+    # Leftover temporaries of crashed saves are garbage once a newer checkpoint is committed.
+    root = run_dir / "checkpoints"
+    for p in root.iterdir():
+        if ".tmp-" in p.name or (_STEP_DIR.match(p.name) and not (p / MARKER).exists() and newest is not None
+                                 and p.name < newest.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_training_state(ckpt: Path) -> dict[str, Any]:
+    path = Path(ckpt) / STATE_FILE
+    if not (Path(ckpt) / MARKER).is_file():
+        raise FileNotFoundError(f"{ckpt} is not a committed checkpoint (no {MARKER} marker)")
+    return torch.load(path, weights_only=True)
+
+
+__all__ = ["MARKER", "checkpoint_dir", "committed_checkpoints", "latest_checkpoint", "load_training_state",
+           "save_checkpoint"]

@@ -1,0 +1,70 @@
+"""Training metrics: the `metrics.jsonl` writer, the matmul peak that MFU is measured against, FLOPs/token.
+
+MFU here is model FLOPs (6·N_active per token plus the attention term, from `widemoe.cost`) per second
+divided by the peak this machine reaches on a large square matmul in the training dtype, measured at
+start-up: on a shared CPU that is a more honest ceiling than a datasheet number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from widemoe.config import ModelConfig
+
+
+class MetricsWriter:
+    """Appends one JSON object per line and flushes it, so a crash loses at most the line being written."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {"time": time.time(), **record}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl; a torn last line (crash mid-write) is skipped."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, min_time: float = 0.2) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` on this machine (best of a few timed repetitions)."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    torch.mm(a, b)  # warm-up
+    best = 0.0
+    deadline = time.perf_counter() + min_time
+    while True:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        dt = time.perf_counter() - t0
+        best = max(best, 2 * n**3 / dt)
+        if time.perf_counter() > deadline:
+            return best
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    from widemoe.cost import flops_per_token
+
+    return flops_per_token(config, seq_len).train

@@ -1,0 +1,189 @@
+"""Routed-expert dispatch against the plain reference loop: outputs, gradients, degenerate routings, capacity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from widemoe.config import ModelConfig
+from widemoe.model.experts import RoutedExperts, capacity_for, plan_dispatch, reference_moe
+from widemoe.runtime import configure_allocator, configure_cpu_runtime
+
+IMPLS = ["gmm", "loop", "autograd"]
+
+
+def _experts(E: int, D: int, I: int, k: int, seed: int = 0, dtype=torch.float32) -> RoutedExperts:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(hidden_size=D, n_routed_experts=E, num_experts_per_tok=k, moe_intermediate_size=I,
+                      num_attention_heads=1, head_dim=2)
+    m = RoutedExperts(cfg)
+    with torch.no_grad():
+        m.gate_up_proj.normal_(std=0.2)
+        m.down_proj.normal_(std=0.2)
+    return m.to(dtype)
+
+
+def _random_routing(N: int, E: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(N, E, generator=g).argsort(-1)[:, :k]
+    w = torch.rand(N, k, generator=g) + 0.1
+    return ids, w
+
+
+def _compare(m: RoutedExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, impl: str,
+             rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Output and gradients (x, both weights, routing weights) of `impl` equal the reference loop's."""
+    m.impl = impl
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y, dropped = m(x1, ids, w1)
+    assert dropped == 0
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    got = [y.detach(), x1.grad, m.gate_up_proj.grad, m.down_proj.grad, w1.grad]
+    m.zero_grad(set_to_none=True)
+    x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = reference_moe(x2, m.gate_up_proj, m.down_proj, ids, w2)
+    y_ref.backward(gy)
+    want = [y_ref.detach(), x2.grad, m.gate_up_proj.grad, m.down_proj.grad, w2.grad]
+    m.zero_grad(set_to_none=True)
+    for name, a, b in zip(["y", "dx", "d_gate_up", "d_down", "d_weights"], got, want):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda s, n=name: f"{impl} {n}: {s}")
+    # no-grad forward (a separate code path) agrees too
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, ids, w)[0], want[0], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("E,k", [(1, 1), (8, 1), (8, 2), (8, 8), (64, 1), (64, 2), (64, 8), (64, 16)])
+def test_dispatch_matches_reference_fp32(E, k, impl):
+    m = _experts(E, D=16, I=8, k=k, seed=E * 100 + k)
+    N = 24
+    ids, w = _random_routing(N, E, k, seed=k)
+    _compare(m, torch.randn(N, 16), ids, w, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unaligned_shapes_fall_back_and_match(impl):
+    # D=10, I=6: fp32 strides are not multiples of 16 bytes, so _grouped_mm cannot run.
+    m = _experts(6, D=10, I=6, k=2)
+    ids, w = _random_routing(9, 6, 2)
+    _compare(m, torch.randn(9, 10), ids, w, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_experts_get_exactly_zero_gradients(impl):
+    m = _experts(8, D=16, I=8, k=2)
+    m.impl = impl
+    # garbage in the gradients' memory must not leak into unused experts' grads
+    _ = [torch.full((8, 16, 16), float("nan")) for _ in range(4)]
+    ids = torch.tensor([[0, 3]] * 5 + [[3, 5]] * 4)  # experts 1, 2, 4, 6, 7 get nothing
+    w = torch.rand(9, 2)
+    y, _ = m(torch.randn(9, 16, requires_grad=True), ids, w)
+    y.backward(torch.randn_like(y))
+    for e in (1, 2, 4, 6, 7):
+        assert torch.equal(m.gate_up_proj.grad[e], torch.zeros_like(m.gate_up_proj.grad[e]))
+        assert torch.equal(m.down_proj.grad[e], torch.zeros_like(m.down_proj.grad[e]))
+    for e in (0, 3, 5):
+        assert m.gate_up_proj.grad[e].abs().sum() > 0 and m.down_proj.grad[e].abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_dispatch_close_to_fp32_reference(impl):
+    m32 = _experts(8, D=32, I=16, k=2)
+    m16 = _experts(8, D=32, I=16, k=2, dtype=torch.bfloat16)
+    m16.impl = impl
+    ids, w = _random_routing(40, 8, 2)
+    x = torch.randn(40, 32)
+    y16, _ = m16(x.bfloat16(), ids, w)
+    assert y16.dtype == torch.bfloat16
+    y_ref = reference_moe(x, m32.gate_up_proj, m32.down_proj, ids, w)
+    torch.testing.assert_close(y16.float(), y_ref, rtol=3e-2, atol=3e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Property tests: random shapes and degenerate routings
+
+
+@st.composite
+def routings(draw):
+    E = draw(st.integers(1, 12))
+    k = draw(st.integers(1, E))
+    N = draw(st.integers(1, 20))
+    D = draw(st.sampled_from([4, 8, 12, 16]))
+    I = draw(st.sampled_from([2, 4, 8]))
+    kind = draw(st.sampled_from(["random", "one_expert", "few_experts", "dup_weights"]))
+    seed = draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(N, E, generator=g).argsort(-1)[:, :k]
+    if kind == "one_expert":  # all tokens' first slot to expert 0; other slots still distinct
+        ids = torch.arange(k).expand(N, k).clone()
+    elif kind == "few_experts" and E > k:  # only experts 0..k-1 used: the rest are empty
+        ids = torch.stack([torch.randperm(k, generator=g) for _ in range(N)])
+    w = torch.rand(N, k, generator=g)
+    if kind == "dup_weights":
+        w = torch.full((N, k), 0.5)
+    return E, k, N, D, I, ids, w, seed, draw(st.sampled_from(IMPLS))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(routings())
+def test_dispatch_property(case):
+    E, k, N, D, I, ids, w, seed, impl = case
+    m = _experts(E, D, I, k, seed=seed)
+    x = torch.randn(N, D, generator=torch.Generator().manual_seed(seed))
+    _compare(m, x, ids, w, impl)
+    # every pair is dispatched exactly once (dropless)
+    plan = plan_dispatch(ids, E)
+    assert plan.counts_E.sum() == N * k and plan.dropped == 0
+    assert torch.equal(plan.order_P.sort().values, torch.arange(N * k))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Capacity
+
+
+def test_capacity_drops_overflow_pairs_and_reports_them():
+    m = _experts(4, D=16, I=8, k=1)
+    ids = torch.tensor([[0]] * 6 + [[1]] * 2)  # expert 0 overloaded
+    w = torch.ones(8, 1)
+    x = torch.randn(8, 16)
+    cap = capacity_for(1.0, num_tokens=8, k=1, num_experts=4)
+    assert cap == 2
+    y, dropped = m(x, ids, w, capacity=cap)
+    assert dropped == 4  # tokens 2..5 overflow expert 0
+    y_ref = reference_moe(x, m.gate_up_proj, m.down_proj, ids, w)
+    torch.testing.assert_close(y[:2], y_ref[:2])  # the first tokens keep their slot (token-order priority)
+    torch.testing.assert_close(y[6:], y_ref[6:])
+    assert torch.equal(y[2:6], torch.zeros_like(y[2:6]))  # dropped pairs contribute nothing
+    y_free, d_free = m(x, ids, w)
+    assert d_free == 0
+    torch.testing.assert_close(y_free, y_ref)
+
+
+def test_capacity_formula():
+    assert capacity_for(1.25, num_tokens=100, k=2, num_experts=8) == math.ceil(1.25 * 200 / 8)
+
+
+def test_everything_dropped_or_no_tokens_keeps_graph():
+    m = _experts(4, D=16, I=8, k=1)
+    x = torch.randn(0, 16, requires_grad=True)
+    y, dropped = m(x, torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1))
+    assert y.shape == (0, 16) and dropped == 0
+    y.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runtime
+
+
+def test_configure_cpu_runtime_is_idempotent():
+    first = configure_allocator()
+    assert configure_allocator() == first
+    info = configure_cpu_runtime(num_threads=torch.get_num_threads())
+    assert info["glibc_allocator_fix"] == first and info["num_threads"] == torch.get_num_threads()
+    with pytest.raises(ValueError, match="num_threads"):
+        configure_cpu_runtime(num_threads=0)
