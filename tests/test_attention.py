@@ -15,7 +15,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention, 
 
 from widemoe.cache import KVCache, LayerCache
 from widemoe.config import ConfigError, get_preset
-from widemoe.model.attention import GQAttention, MLAttention, build_attention, causal_mask
+from widemoe.model.attention import GQAttention, MLAttention, attend, build_attention, causal_mask
 from widemoe.model.layers import RotaryEmbedding, apply_rope
 
 MICRO = get_preset("micro")  # MLA with q_lora, YaRN original length 32
@@ -29,6 +29,7 @@ OLMOE = get_preset("micro", model_type="olmoe", kv_lora_rank=None, q_lora_rank=N
                    num_key_value_heads=4, qk_norm="full", rope_interleave=False, rope_scaling=None,
                    rms_norm_eps=1e-5)
 CONFIGS = {"mla": MICRO, "mla_noq": MICRO_NOQ, "qwen": QWEN, "qwen_yarn": QWEN_YARN, "olmoe": OLMOE}
+MLA_HALF = MICRO_NOQ.replace(rope_interleave=False, attention_bias=True)  # transformers supports both
 
 
 def hf_rope_parameters(cfg) -> dict:
@@ -98,9 +99,9 @@ def run_chunks(attn, rot, x, pos, sizes, mask_full=None):
 # --- parity with transformers ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", [*CONFIGS, "mla_half"])
 def test_attention_equals_transformers(name):
-    cfg = CONFIGS[name]
+    cfg = MLA_HALF if name == "mla_half" else CONFIGS[name]
     attn, rot = make(cfg)
     ref, hf_rot = hf_attention(cfg)
     missing = ref.load_state_dict(attn.state_dict(), strict=True)  # parameter names are transformers'
@@ -117,6 +118,32 @@ def test_attention_equals_transformers(name):
     assert y.abs().mean() > 0.1  # O(1) outputs: the tolerance is meaningful
 
 
+def test_mla_equals_transformers_deepseek_v2():
+    # V2-Lite style: no q_lora, mscale 0.707; transformers' V2 rotates complex pairs and keeps them
+    # interleaved (V3 de-interleaves): the layouts differ but q.k, hence the output, must not
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
+        DeepseekV2Attention,
+        DeepseekV2RotaryEmbedding,
+    )
+
+    cfg = MICRO_NOQ.replace(model_type="deepseek_v2",
+                            rope_scaling={**MICRO.rope_scaling, "mscale": 0.707, "mscale_all_dim": 0.707})
+    hc = DeepseekV2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+                          kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                          max_position_embeddings=128, rope_parameters=hf_rope_parameters(cfg))
+    hc._attn_implementation = "eager"
+    ref, hf_rot = DeepseekV2Attention(hc, 0).eval(), DeepseekV2RotaryEmbedding(hc)
+    attn, rot = make(cfg)
+    ref.load_state_dict(attn.state_dict(), strict=True)
+    assert attn.scale == ref.scaling
+    x, pos = torch.randn(2, 24, 64), torch.arange(30, 54)[None].expand(2, 24)
+    add_mask = torch.zeros(2, 1, 24, 24).masked_fill(~causal_mask(2, 24, 24)[:, None], -1e30)
+    with torch.no_grad():
+        y_ref = ref(x, position_embeddings=hf_rot(x, pos), attention_mask=add_mask)[0]
+        torch.testing.assert_close(run_full(attn, rot, x, pos), y_ref, rtol=0, atol=1e-5)
+
+
 def test_parameter_names_follow_contract():
     assert set(build_attention(MICRO, 0).state_dict()) == {
         "q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight",
@@ -130,6 +157,31 @@ def test_parameter_names_follow_contract():
     assert isinstance(build_attention(MICRO, 0), MLAttention)
     with pytest.raises(ConfigError, match="qk_norm"):
         MLAttention(MICRO.replace(qk_norm="head"), 0)
+
+
+def reference_attend(q_BTHd, k_BSKd, v_BSKe, mask_BTS, scale):
+    """Plain softmax attention, kv head h // G for query head h."""
+    G = q_BTHd.shape[2] // k_BSKd.shape[2]
+    k = k_BSKd.repeat_interleave(G, dim=2)
+    v = v_BSKe.repeat_interleave(G, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q_BTHd, k) * scale
+    scores = scores.masked_fill(~mask_BTS[:, None], float("-inf")).softmax(-1)
+    return torch.einsum("bhts,bshe->bthe", scores, v)
+
+
+@pytest.mark.parametrize("T, S, H, K, d, e", [
+    (1, 9, 4, 1, 12, 12), (3, 9, 6, 2, 8, 8), (20, 20, 4, 4, 12, 8), (20, 25, 4, 1, 8, 8),
+    (20, 20, 6, 3, 8, 8), (5, 5, 2, 2, 6, 10)])
+def test_attend_equals_reference(T, S, H, K, d, e):
+    # covers every SDPA route: folded heads (T <= 16), MQA expand, enable_gqa, plain, and unequal widths
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, T, H, d), torch.randn(2, S, K, d), torch.randn(2, S, K, e)
+    mask = (torch.rand(2, T, S) < 0.7) | causal_mask(2, T, S)
+    torch.testing.assert_close(attend(q, k, v, mask, 0.3), reference_attend(q, k, v, mask, 0.3),
+                               rtol=0, atol=1e-5)
+    if T == S:  # mask=None: causal
+        torch.testing.assert_close(attend(q, k, v, None, 0.3),
+                                   reference_attend(q, k, v, causal_mask(2, T, S), 0.3), rtol=0, atol=1e-5)
 
 
 # --- absorbed MLA and cached decoding -------------------------------------------------------------
@@ -180,6 +232,21 @@ def test_cache_contents_and_bytes_per_token():
         k = apply_rope(attn.k_norm(attn.k_proj(x).view(1, 6, 2, 16)), cos, sin, False)
     torch.testing.assert_close(cache.layer(0).get("k"), k)
     assert cache.nbytes() == 2 * 6 * 2 * 16 * 4
+
+
+@pytest.mark.parametrize("name", ["mla", "qwen"])
+def test_bf16_cached_decoding_close_to_full_forward(name):
+    cfg = CONFIGS[name]
+    attn, rot = make(cfg)
+    attn = attn.to(torch.bfloat16)
+    x = torch.randn(2, 12, cfg.hidden_size, dtype=torch.bfloat16)
+    pos = torch.arange(12)[None].expand(2, 12)
+    with torch.no_grad():
+        full = run_full(attn, rot, x, pos)
+        inc, cache = run_chunks(attn, rot, x, pos, [5, 1, 6])
+    assert full.dtype == inc.dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in cache.layer(0)._buf.values())
+    torch.testing.assert_close(inc.float(), full.float(), rtol=0.05, atol=0.05)
 
 
 # --- padding --------------------------------------------------------------------------------------

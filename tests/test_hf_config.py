@@ -11,25 +11,67 @@ transformers = pytest.importorskip("transformers")
 from widemoe.config import ConfigError, get_preset  # noqa: E402
 from widemoe.hf.config_map import detect_family, hf_to_model_config, model_config_to_hf  # noqa: E402
 
-YARN = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN = {
+    "type": "yarn",
+    "factor": 40.0,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 
 
 def _v3_legacy() -> dict:
     """A DeepSeek-V3 config.json as the release ships it (legacy rope fields, remote-code keys)."""
-    return {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
-            "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,
-            "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
-            "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64,
-            "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
-            "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True,
-            "scoring_func": "sigmoid", "aux_loss_alpha": 0.001, "seq_aux": True, "hidden_act": "silu",
-            "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "bos_token_id": 0, "eos_token_id": 1,
-            "tie_word_embeddings": False, "rope_theta": 10000, "rope_scaling": {**YARN, "factor": 40},
-            "num_nextn_predict_layers": 1, "attention_bias": False, "attention_dropout": 0.0, "ep_size": 1,
-            "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
-            "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                    "weight_block_size": [128, 128]}}
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "vocab_size": 129280,
+        "hidden_size": 7168,
+        "intermediate_size": 18432,
+        "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "n_shared_experts": 1,
+        "n_routed_experts": 256,
+        "routed_scaling_factor": 2.5,
+        "kv_lora_rank": 512,
+        "q_lora_rank": 1536,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "qk_nope_head_dim": 128,
+        "topk_method": "noaux_tc",
+        "n_group": 8,
+        "topk_group": 4,
+        "num_experts_per_tok": 8,
+        "moe_layer_freq": 1,
+        "first_k_dense_replace": 3,
+        "norm_topk_prob": True,
+        "scoring_func": "sigmoid",
+        "aux_loss_alpha": 0.001,
+        "seq_aux": True,
+        "hidden_act": "silu",
+        "max_position_embeddings": 163840,
+        "rms_norm_eps": 1e-06,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "tie_word_embeddings": False,
+        "rope_theta": 10000,
+        "rope_scaling": {**YARN, "factor": 40},
+        "num_nextn_predict_layers": 1,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "ep_size": 1,
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config"},
+        "quantization_config": {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": [128, 128],
+        },
+    }
 
 
 def test_legacy_deepseek_v3_config_maps_to_the_preset() -> None:
@@ -44,20 +86,47 @@ def test_v5_rope_parameters_equal_legacy_form() -> None:
     legacy = _v3_legacy()
     v5 = dict(legacy)
     del v5["rope_theta"], v5["rope_scaling"]
-    v5["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0,
-                             **{k: v for k, v in YARN.items() if k != "type"}}
+    v5["rope_parameters"] = {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        **{k: v for k, v in YARN.items() if k != "type"},
+    }
     assert hf_to_model_config(v5)[0] == hf_to_model_config(legacy)[0]
 
 
-@pytest.mark.parametrize("cls,kw", [
-    ("DeepseekV3Config", dict(n_group=4, topk_group=2, n_routed_experts=16, rope_scaling=YARN,
-                              max_position_embeddings=163840)),
-    ("DeepseekV2Config", dict(q_lora_rank=None, n_routed_experts=64, num_experts_per_tok=6,
-                              topk_method="group_limited_greedy", n_group=8, topk_group=3, routed_scaling_factor=16.0)),
-    ("Qwen3MoeConfig", dict(num_experts=16, decoder_sparse_step=2, mlp_only_layers=[3], norm_topk_prob=True)),
-    ("MixtralConfig", dict(num_local_experts=8)),
-    ("OlmoeConfig", dict(num_experts=16)),
-])
+@pytest.mark.parametrize(
+    "cls,kw",
+    [
+        (
+            "DeepseekV3Config",
+            dict(
+                n_group=4,
+                topk_group=2,
+                n_routed_experts=16,
+                rope_scaling=YARN,
+                max_position_embeddings=163840,
+            ),
+        ),
+        (
+            "DeepseekV2Config",
+            dict(
+                q_lora_rank=None,
+                n_routed_experts=64,
+                num_experts_per_tok=6,
+                topk_method="group_limited_greedy",
+                n_group=8,
+                topk_group=3,
+                routed_scaling_factor=16.0,
+            ),
+        ),
+        (
+            "Qwen3MoeConfig",
+            dict(num_experts=16, decoder_sparse_step=2, mlp_only_layers=[3], norm_topk_prob=True),
+        ),
+        ("MixtralConfig", dict(num_local_experts=8)),
+        ("OlmoeConfig", dict(num_experts=16)),
+    ],
+)
 def test_round_trip_through_transformers_config_classes(cls: str, kw: dict, tmp_path) -> None:
     hf_cfg = getattr(transformers, cls)(num_hidden_layers=6, **kw)
     cfg, _ = hf_to_model_config(hf_cfg.to_dict())
@@ -71,14 +140,18 @@ def test_round_trip_through_transformers_config_classes(cls: str, kw: dict, tmp_
 
 
 def test_family_semantics() -> None:
-    q = transformers.Qwen3MoeConfig(num_hidden_layers=6, num_experts=8, decoder_sparse_step=2, mlp_only_layers=[3])
+    q = transformers.Qwen3MoeConfig(
+        num_hidden_layers=6, num_experts=8, decoder_sparse_step=2, mlp_only_layers=[3]
+    )
     cfg, _ = hf_to_model_config(q.to_dict())
     assert cfg.moe_layer_indices == [1, 5]  # (i+1) % 2 == 0 and not in mlp_only_layers
     assert cfg.qk_norm == "head" and not cfg.rope_interleave and cfg.n_routed_experts == 8
     assert hf_to_model_config(transformers.MixtralConfig(num_hidden_layers=2).to_dict())[0].norm_topk_prob
     o, _ = hf_to_model_config(transformers.OlmoeConfig(num_hidden_layers=2).to_dict())
     assert o.qk_norm == "full" and not o.norm_topk_prob and o.moe_intermediate_size == o.intermediate_size
-    v2 = transformers.DeepseekV2Config(num_hidden_layers=2, num_experts_per_tok=6, norm_topk_prob=True).to_dict()
+    v2 = transformers.DeepseekV2Config(
+        num_hidden_layers=2, num_experts_per_tok=6, norm_topk_prob=True
+    ).to_dict()
     cfg, notices = hf_to_model_config(v2)
     assert cfg.norm_topk_prob is False and cfg.rope_interleave and cfg.scoring_func == "softmax"
     assert any("norm_topk_prob" in n for n in notices)
@@ -95,25 +168,31 @@ def test_kimi_k2_is_deepseek_v3_architecture() -> None:
     assert hf_to_model_config(out)[0].model_type == "kimi_k2"
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"scoring_func": "softmax"}, "scoring_func"),
-    ({"moe_layer_freq": 2}, "moe_layer_freq"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
-    ({"attention_bias": True}, "attention_bias"),
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "model_type='llama'"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"scoring_func": "softmax"}, "scoring_func"),
+        ({"moe_layer_freq": 2}, "moe_layer_freq"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "model_type='llama'"),
+    ],
+)
 def test_unsupported_values_are_errors_naming_the_field(change: dict, field: str) -> None:
     d = {**_v3_legacy(), **change}
     with pytest.raises(ConfigError, match=field):
         hf_to_model_config(d)
 
 
-@pytest.mark.parametrize("cls,kw,field", [
-    ("MixtralConfig", dict(sliding_window=4096), "sliding_window"),
-    ("OlmoeConfig", dict(clip_qkv=8.0), "clip_qkv"),
-    ("Qwen3MoeConfig", dict(use_sliding_window=True), "use_sliding_window"),
-])
+@pytest.mark.parametrize(
+    "cls,kw,field",
+    [
+        ("MixtralConfig", dict(sliding_window=4096), "sliding_window"),
+        ("OlmoeConfig", dict(clip_qkv=8.0), "clip_qkv"),
+        ("Qwen3MoeConfig", dict(use_sliding_window=True), "use_sliding_window"),
+    ],
+)
 def test_unsupported_gqa_family_values(cls: str, kw: dict, field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         hf_to_model_config(getattr(transformers, cls)(num_hidden_layers=2, **kw).to_dict())

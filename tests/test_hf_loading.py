@@ -1,4 +1,4 @@
-"""Strict accounting, FP8 dequantisation, layouts and safety of widemoe.hf loading (no transformers needed)."""
+"""Strict accounting, FP8 dequantisation, layouts and safety of widemoe.hf loading (no transformers)."""
 
 from __future__ import annotations
 
@@ -54,8 +54,12 @@ def test_round_trip_on_disk_names(saved) -> None:
     L = model.config.num_hidden_layers
     assert "model.layers.1.mlp.experts.7.up_proj.weight" in keys
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in keys
-    assert {f"model.layers.{L}.eh_proj.weight", f"model.layers.{L}.embed_tokens.weight",
-            f"model.layers.{L}.shared_head.head.weight", f"model.layers.{L}.shared_head.norm.weight"} <= keys
+    assert {
+        f"model.layers.{L}.eh_proj.weight",
+        f"model.layers.{L}.embed_tokens.weight",
+        f"model.layers.{L}.shared_head.head.weight",
+        f"model.layers.{L}.shared_head.norm.weight",
+    } <= keys
     assert not any("gate_up_proj" in k for k in keys)
     again = load_pretrained(d, dtype=torch.float32)
     _same_weights(model, again)
@@ -72,8 +76,14 @@ def test_missing_expert_tensor_is_named(saved, tmp_path) -> None:
 
 def test_extra_tensor_is_named_and_ignore_is_explicit(saved, tmp_path) -> None:
     model, d = saved
-    _copy(d, tmp_path / "x", lambda sd: sd.update({"model.layers.1.mlp.experts.8.up_proj.weight": torch.zeros(32, 64)}))
-    with pytest.raises(LoadError, match=r"unexpected keys:\n  model\.layers\.1\.mlp\.experts\.8\.up_proj") as e:
+    _copy(
+        d,
+        tmp_path / "x",
+        lambda sd: sd.update({"model.layers.1.mlp.experts.8.up_proj.weight": torch.zeros(32, 64)}),
+    )
+    with pytest.raises(
+        LoadError, match=r"unexpected keys:\n  model\.layers\.1\.mlp\.experts\.8\.up_proj"
+    ) as e:
         load_pretrained(tmp_path / "x")
     assert e.value.unexpected and not e.value.missing
     m = load_pretrained(tmp_path / "x", dtype=torch.float32, ignore=[r"experts\.8\."])
@@ -83,7 +93,11 @@ def test_extra_tensor_is_named_and_ignore_is_explicit(saved, tmp_path) -> None:
 
 def test_wrong_shape_names_expected_and_found(saved, tmp_path) -> None:
     _, d = saved
-    _copy(d, tmp_path / "x", lambda sd: sd.update({"model.layers.0.self_attn.o_proj.weight": torch.zeros(64, 60)}))
+    _copy(
+        d,
+        tmp_path / "x",
+        lambda sd: sd.update({"model.layers.0.self_attn.o_proj.weight": torch.zeros(64, 60)}),
+    )
     with pytest.raises(LoadError, match=r"o_proj\.weight: expected \[64, 64\] vs found \[64, 60\]"):
         load_pretrained(tmp_path / "x")
 
@@ -94,7 +108,10 @@ def test_fused_v5_expert_layout_loads(saved, tmp_path) -> None:
     def fuse(sd):
         for i in (1, 2):
             p = f"model.layers.{i}.mlp.experts"
-            gu = [torch.cat([sd.pop(f"{p}.{e}.gate_proj.weight"), sd.pop(f"{p}.{e}.up_proj.weight")]) for e in range(8)]
+            gu = [
+                torch.cat([sd.pop(f"{p}.{e}.gate_proj.weight"), sd.pop(f"{p}.{e}.up_proj.weight")])
+                for e in range(8)
+            ]
             sd[f"{p}.gate_up_proj"] = torch.stack(gu)
             sd[f"{p}.down_proj"] = torch.stack([sd.pop(f"{p}.{e}.down_proj.weight") for e in range(8)])
 
@@ -104,7 +121,11 @@ def test_fused_v5_expert_layout_loads(saved, tmp_path) -> None:
 
 def test_fused_and_per_expert_together_is_an_error(saved, tmp_path) -> None:
     _, d = saved
-    _copy(d, tmp_path / "x", lambda sd: sd.update({"model.layers.1.mlp.experts.down_proj": torch.zeros(8, 64, 32)}))
+    _copy(
+        d,
+        tmp_path / "x",
+        lambda sd: sd.update({"model.layers.1.mlp.experts.down_proj": torch.zeros(8, 64, 32)}),
+    )
     with pytest.raises(LoadError, match="already written by"):
         load_pretrained(tmp_path / "x")
 
@@ -112,7 +133,9 @@ def test_fused_and_per_expert_together_is_an_error(saved, tmp_path) -> None:
 def test_mtp_copies_are_verified(saved, tmp_path) -> None:
     _, d = saved
     _copy(d, tmp_path / "x", lambda sd: sd[f"model.layers.{3}.embed_tokens.weight"].add_(1.0))
-    with pytest.raises(LoadError, match=r"model\.layers\.3\.embed_tokens\.weight: differs from model\.embed_tokens"):
+    with pytest.raises(
+        LoadError, match=r"model\.layers\.3\.embed_tokens\.weight: differs from model\.embed_tokens"
+    ):
         load_pretrained(tmp_path / "x")
 
 
@@ -152,7 +175,7 @@ def _oracle_dequant(w_q: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) 
     out = torch.empty(w_q.shape)
     for i in range(w_q.shape[0]):
         for j in range(0, w_q.shape[1], block[1]):
-            out[i, j:j + block[1]] = w_q[i, j:j + block[1]].float() * s[i // block[0], j // block[1]]
+            out[i, j : j + block[1]] = w_q[i, j : j + block[1]].float() * s[i // block[0], j // block[1]]
     return out
 
 
@@ -171,16 +194,19 @@ def test_fp8_partial_edge_blocks(ue8m0: bool) -> None:
 
 
 def test_quantization_config_parsing() -> None:
-    spec = parse_quantization_config({"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
-                                      "scale_fmt": "ue8m0"})
+    spec = parse_quantization_config(
+        {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}
+    )
     assert spec.block == (128, 128) and spec.ue8m0
     with pytest.raises(ValueError, match="quant_method='gptq'"):
         parse_quantization_config({"quant_method": "gptq"})
 
 
 def _is_fp8_target(k: str, t: torch.Tensor) -> bool:
-    """DeepSeek's rule: every Linear is FP8 except embed, head, router gate and the MTP eh_proj/head copies."""
-    return t.dim() == 2 and not any(s in k for s in ("embed_tokens", "lm_head", "mlp.gate.", "eh_proj", "shared_head"))
+    """DeepSeek's rule: every Linear is FP8 except embed, head, router gate and MTP eh_proj/head copies."""
+    return t.dim() == 2 and not any(
+        s in k for s in ("embed_tokens", "lm_head", "mlp.gate.", "eh_proj", "shared_head")
+    )
 
 
 @pytest.mark.parametrize("ue8m0", [False, True])
@@ -199,8 +225,13 @@ def test_fp8_checkpoint_loads_as_dequantised_reference(saved, tmp_path, ue8m0: b
 
     _copy(d, tmp_path / "fp8", to_fp8)
     conf = json.loads((tmp_path / "fp8" / "config.json").read_text())
-    conf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                   "weight_block_size": list(block), **({"scale_fmt": "ue8m0"} if ue8m0 else {})}
+    conf["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+        **({"scale_fmt": "ue8m0"} if ue8m0 else {}),
+    }
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(conf))
     assert any(math.remainder(v.shape[0], 16) for v in ref.values())  # partial blocks exercised
 
@@ -208,11 +239,19 @@ def test_fp8_checkpoint_loads_as_dequantised_reference(saved, tmp_path, ue8m0: b
     rep = m.load_report
     assert rep.dequantized == len(ref) == rep.scales > 0
     sd = m.state_dict()
-    torch.testing.assert_close(sd["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"],
-                               ref["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        sd["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"],
+        ref["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"],
+        rtol=0,
+        atol=0,
+    )
     I = m.config.moe_intermediate_size
-    torch.testing.assert_close(sd["model.layers.1.mlp.experts.gate_up_proj"][3, I:],
-                               ref["model.layers.1.mlp.experts.3.up_proj.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(
+        sd["model.layers.1.mlp.experts.gate_up_proj"][3, I:],
+        ref["model.layers.1.mlp.experts.3.up_proj.weight"],
+        rtol=0,
+        atol=0,
+    )
     # exported again: plain weights, no stale quantization_config
     save_pretrained(m, tmp_path / "out")
     assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())

@@ -20,37 +20,99 @@ from widemoe.config import get_preset  # noqa: E402
 from widemoe.hf import load_pretrained, save_pretrained  # noqa: E402
 from widemoe.model.transformer import build_model  # noqa: E402
 
-YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 32, "beta_slow": 1,
-        "mscale": 1.0, "mscale_all_dim": 1.0}
+YARN = {
+    "type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 MLA = dict(q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
 COMMON = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4)
 SEQ = 40  # > original_max_position_embeddings = 16
 
 
 def _deepseek_v3(**kw):
-    return transformers.DeepseekV3Config(**{**COMMON, **MLA, **dict(
-        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
-        max_position_embeddings=64, rope_scaling=YARN, num_nextn_predict_layers=1), **kw})
+    return transformers.DeepseekV3Config(
+        **{
+            **COMMON,
+            **MLA,
+            **dict(
+                intermediate_size=96,
+                moe_intermediate_size=32,
+                n_routed_experts=8,
+                n_shared_experts=1,
+                num_experts_per_tok=2,
+                n_group=4,
+                topk_group=2,
+                first_k_dense_replace=1,
+                routed_scaling_factor=2.5,
+                max_position_embeddings=64,
+                rope_scaling=YARN,
+                num_nextn_predict_layers=1,
+            ),
+            **kw,
+        }
+    )
 
 
 CONFIGS = {
     "deepseek_v3": lambda: _deepseek_v3(),
-    "kimi_k2": lambda: _deepseek_v3(n_routed_experts=16, num_experts_per_tok=4, n_group=1, topk_group=1,
-                                    routed_scaling_factor=2.827, num_nextn_predict_layers=0,
-                                    rope_scaling={**YARN, "beta_fast": 1, "beta_slow": 1}, rope_theta=50000.0),
-    "deepseek_v2_lite": lambda: transformers.DeepseekV2Config(**{**COMMON, **MLA, **dict(
-        q_lora_rank=None, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2,
-        num_experts_per_tok=2, first_k_dense_replace=1, topk_method="greedy", norm_topk_prob=False,
-        max_position_embeddings=64, rope_scaling={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707})}),
-    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**COMMON, num_key_value_heads=2, head_dim=16,
-                                                     intermediate_size=80, moe_intermediate_size=32, num_experts=8,
-                                                     num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[1]),
-    "mixtral": lambda: transformers.MixtralConfig(**COMMON, num_key_value_heads=2, intermediate_size=32,
-                                                  num_local_experts=8, num_experts_per_tok=2),
-    "olmoe": lambda: transformers.OlmoeConfig(**COMMON, num_key_value_heads=4, intermediate_size=32, num_experts=8,
-                                              num_experts_per_tok=2, norm_topk_prob=False,
-                                              eos_token_id=0, pad_token_id=1),
+    "kimi_k2": lambda: _deepseek_v3(
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.827,
+        num_nextn_predict_layers=0,
+        rope_scaling={**YARN, "beta_fast": 1, "beta_slow": 1},
+        rope_theta=50000.0,
+    ),
+    "deepseek_v2_lite": lambda: transformers.DeepseekV2Config(
+        **{
+            **COMMON,
+            **MLA,
+            **dict(
+                q_lora_rank=None,
+                intermediate_size=96,
+                moe_intermediate_size=32,
+                n_routed_experts=8,
+                n_shared_experts=2,
+                num_experts_per_tok=2,
+                first_k_dense_replace=1,
+                topk_method="greedy",
+                norm_topk_prob=False,
+                max_position_embeddings=64,
+                rope_scaling={**YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+            ),
+        }
+    ),
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **COMMON,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=80,
+        moe_intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+    ),
+    "mixtral": lambda: transformers.MixtralConfig(
+        **COMMON, num_key_value_heads=2, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2
+    ),
+    "olmoe": lambda: transformers.OlmoeConfig(
+        **COMMON,
+        num_key_value_heads=4,
+        intermediate_size=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        eos_token_id=0,
+        pad_token_id=1,
+    ),
 }
 
 
@@ -65,8 +127,11 @@ def _randomise_bias(model: torch.nn.Module, seed: int) -> None:
 
 def _hf_routing(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     chosen: list[torch.Tensor] = []
-    hooks = [m.register_forward_hook(lambda mod, inp, out: chosen.append(out[2].sort(-1).values))
-             for name, m in model.named_modules() if name.endswith("mlp.gate")]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: chosen.append(out[2].sort(-1).values))
+        for name, m in model.named_modules()
+        if name.endswith("mlp.gate")
+    ]
     with torch.no_grad():
         logits = model(ids).logits
     for h in hooks:
@@ -81,20 +146,27 @@ def _ours(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list
 
 
 def _add_mtp_layer(d: str, num_layers: int) -> dict[str, torch.Tensor]:
-    """DeepSeek stores MTP module 0 at model.layers.{L}: transformers drops it, so write one like the releases do."""
+    """DeepSeek stores MTP module 0 at model.layers.{L}; transformers drops it, so write one here."""
     sd = load_file(f"{d}/model.safetensors")
     g = torch.Generator().manual_seed(7)
     extra = {}
     for k, v in sd.items():
         if k.startswith("model.layers.1."):  # an MoE decoder block as the MTP block
-            extra[k.replace("model.layers.1.", f"model.layers.{num_layers}.")] = torch.randn(v.shape, generator=g)
+            extra[k.replace("model.layers.1.", f"model.layers.{num_layers}.")] = torch.randn(
+                v.shape, generator=g
+            )
     D = sd["model.norm.weight"].shape[0]
     base = f"model.layers.{num_layers}"
-    extra.update({f"{base}.enorm.weight": torch.rand(D, generator=g), f"{base}.hnorm.weight": torch.rand(D, generator=g),
-                  f"{base}.eh_proj.weight": torch.randn(D, 2 * D, generator=g),
-                  f"{base}.shared_head.norm.weight": torch.rand(D, generator=g),
-                  f"{base}.embed_tokens.weight": sd["model.embed_tokens.weight"].clone(),
-                  f"{base}.shared_head.head.weight": sd["lm_head.weight"].clone()})
+    extra.update(
+        {
+            f"{base}.enorm.weight": torch.rand(D, generator=g),
+            f"{base}.hnorm.weight": torch.rand(D, generator=g),
+            f"{base}.eh_proj.weight": torch.randn(D, 2 * D, generator=g),
+            f"{base}.shared_head.norm.weight": torch.rand(D, generator=g),
+            f"{base}.embed_tokens.weight": sd["model.embed_tokens.weight"].clone(),
+            f"{base}.shared_head.head.weight": sd["lm_head.weight"].clone(),
+        }
+    )
     save_file({**sd, **extra}, f"{d}/model.safetensors", metadata={"format": "pt"})
     return extra
 
@@ -111,7 +183,9 @@ def test_hf_to_widemoe_logits_and_experts(family: str, tmp_path) -> None:
         extra = _add_mtp_layer(str(tmp_path), hf_cfg.num_hidden_layers)
     if family == "kimi_k2":  # as the real release: model_type kimi_k2, remote code declared
         conf = json.loads((tmp_path / "config.json").read_text())
-        conf.update(model_type="kimi_k2", auto_map={"AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+        conf.update(
+            model_type="kimi_k2", auto_map={"AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+        )
         (tmp_path / "config.json").write_text(json.dumps(conf))
 
     model = load_pretrained(tmp_path, dtype=torch.float32)
@@ -129,9 +203,13 @@ def test_hf_to_widemoe_logits_and_experts(family: str, tmp_path) -> None:
         sd = model.state_dict()
         I = cfg.moe_intermediate_size
         assert torch.equal(sd["model.mtp.0.eh_proj.weight"], extra["model.layers.3.eh_proj.weight"])
-        assert torch.equal(sd["model.mtp.0.shared_head_norm.weight"], extra["model.layers.3.shared_head.norm.weight"])
-        assert torch.equal(sd["model.mtp.0.block.mlp.experts.gate_up_proj"][5, I:],
-                           extra["model.layers.3.mlp.experts.5.up_proj.weight"])
+        assert torch.equal(
+            sd["model.mtp.0.shared_head_norm.weight"], extra["model.layers.3.shared_head.norm.weight"]
+        )
+        assert torch.equal(
+            sd["model.mtp.0.block.mlp.experts.gate_up_proj"][5, I:],
+            extra["model.layers.3.mlp.experts.5.up_proj.weight"],
+        )
         assert len(model.load_report.verified_copies) == 2
         # the bias is large enough to matter: without it the choices differ
         sel = [r.topk_ids for r in model(ids).routing]
@@ -144,16 +222,37 @@ def test_hf_to_widemoe_logits_and_experts(family: str, tmp_path) -> None:
         assert model.config.model_type == "kimi_k2"
 
 
-@pytest.mark.parametrize("preset,family", [("micro", "deepseek_v3"), ("deepseek-v2-lite", "deepseek_v2"),
-                                           ("qwen3-30b-a3b", "qwen3_moe"), ("mixtral-8x7b", "mixtral"),
-                                           ("olmoe-1b-7b", "olmoe")])
+@pytest.mark.parametrize(
+    "preset,family",
+    [
+        ("micro", "deepseek_v3"),
+        ("deepseek-v2-lite", "deepseek_v2"),
+        ("qwen3-30b-a3b", "qwen3_moe"),
+        ("mixtral-8x7b", "mixtral"),
+        ("olmoe-1b-7b", "olmoe"),
+    ],
+)
 def test_widemoe_to_hf_logits(preset: str, family: str, tmp_path) -> None:
-    small = dict(vocab_size=96, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96,
-                 moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
-                 bos_token_id=None, eos_token_id=0, pad_token_id=None)
+    small = dict(
+        vocab_size=96,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=0,
+        pad_token_id=None,
+    )
     if family in ("deepseek_v3", "deepseek_v2"):
         small.update(MLA, q_lora_rank=None if family == "deepseek_v2" else 32)
-        small["rope_scaling"] = {**YARN, **({"mscale": 0.707, "mscale_all_dim": 0.707} if family == "deepseek_v2" else {})}
+        small["rope_scaling"] = {
+            **YARN,
+            **({"mscale": 0.707, "mscale_all_dim": 0.707} if family == "deepseek_v2" else {}),
+        }
     else:
         small.update(num_key_value_heads=2, head_dim=16)
         if family != "qwen3_moe":

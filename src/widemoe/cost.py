@@ -86,68 +86,6 @@ def parse_amount(text: str | int | float, what: str = "amount") -> float:
 # ----------------------------------------------------------------------------------------------
 # loading a model spec: preset name, widemoe config file, or Hugging Face config.json / directory
 
-# HF config.json keys that size a model and differ from widemoe's names, per family.
-_HF_EXPERT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
-
-
-def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json of a supported MoE family (sizes only matter here).
-
-    Only the fields that change counts are mapped; routing details take family defaults. (The strict,
-    complete mapping lives with the checkpoint loader; this one accepts any release's config.json.)
-    """
-    mt = d.get("model_type")
-    families = ("deepseek_v3", "kimi_k2", "deepseek_v2", "qwen3_moe", "mixtral", "olmoe")
-    if mt not in families:
-        raise ConfigError(f"{source}: model_type={mt!r} is not a supported family ({', '.join(families)})")
-
-    def get(key: str, default: Any = None) -> Any:
-        return d[key] if d.get(key) is not None else default
-
-    out: dict[str, Any] = {"model_type": mt, "bos_token_id": None, "eos_token_id": None}
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "max_position_embeddings", "num_experts_per_tok"):
-        if key not in d:
-            raise ConfigError(f"{source}: missing required key {key!r} for model_type={mt!r}")
-        out[key] = d[key]
-    out["tie_word_embeddings"] = bool(get("tie_word_embeddings", False))
-    out["n_routed_experts"] = next((d[k] for k in _HF_EXPERT_KEYS if d.get(k) is not None), None)
-    if out["n_routed_experts"] is None:
-        raise ConfigError(f"{source}: no expert count (one of {list(_HF_EXPERT_KEYS)})")
-    if mt in ("deepseek_v3", "kimi_k2", "deepseek_v2"):
-        if get("moe_layer_freq", 1) != 1:
-            raise ConfigError(f"{source}: moe_layer_freq={d['moe_layer_freq']} is not supported (only 1)")
-        for key in ("intermediate_size", "moe_intermediate_size", "q_lora_rank", "kv_lora_rank",
-                    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            if key in d:
-                out[key] = d[key]
-        out["n_shared_experts"] = get("n_shared_experts", 0)
-        out["first_k_dense_replace"] = get("first_k_dense_replace", 0)
-        out["num_nextn_predict_layers"] = get("num_nextn_predict_layers", 0)
-        v2 = mt == "deepseek_v2"
-        out["scoring_func"] = get("scoring_func", "softmax" if v2 else "sigmoid")
-        out["topk_method"] = get("topk_method", "greedy" if v2 else "noaux_tc")
-        if out["topk_method"] == "noaux_tc":  # groups only shape routing; keep them when valid
-            out["n_group"], out["topk_group"] = get("n_group", 1), get("topk_group", 1)
-    else:
-        dense = get("intermediate_size", 0)
-        out["moe_intermediate_size"] = get("moe_intermediate_size", dense)
-        out["intermediate_size"] = dense
-        out["num_key_value_heads"] = get("num_key_value_heads")
-        out["head_dim"] = get("head_dim")
-        out["attention_bias"] = bool(get("attention_bias", False))
-        out["scoring_func"], out["topk_method"] = "softmax", "greedy"
-        out["qk_norm"] = {"qwen3_moe": "head", "olmoe": "full"}.get(mt, "none")
-        step = get("decoder_sparse_step", 1)
-        mlp_only = set(get("mlp_only_layers", []))
-        mlp_only |= {i for i in range(out["num_hidden_layers"]) if (i + 1) % step != 0}
-        out["mlp_only_layers"] = tuple(sorted(mlp_only))
-    try:
-        return ModelConfig(**out)
-    except (TypeError, ConfigError) as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
 def load_config(spec: str) -> ModelConfig:
     """MODEL argument: a preset name, a widemoe config file, a HF config.json, or a HF directory."""
     if spec in PRESET_NAMES:
@@ -170,7 +108,10 @@ def load_config(spec: str) -> ModelConfig:
     if "preset" in d:
         return ModelConfig.from_file(p)
     if "architectures" in d or set(d) - _WIDEMOE_FIELDS:
-        return config_from_hf(d, str(p))
+        # the checkpoint loader's mapping (imports torch via widemoe.hf; the arithmetic here does not)
+        from widemoe.hf.config_map import hf_to_model_config
+
+        return hf_to_model_config(d, source=str(p))[0]
     # a widemoe file without a preset: its sizes must be stated, defaults would cost a toy model
     sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
     missing = [k for k in sizes if k not in d]
@@ -636,7 +577,7 @@ __all__ = [
     "BYTES", "COMPONENTS", "CostError", "DenseContrast", "Flops", "GPT5_CLASS_DENSE", "GPUS", "Gpu",
     "PUBLISHED", "ParamCount", "Published", "V3_TRAINING",
     "attention_flops_per_token", "check_published",
-    "computed_quantity", "config_from_hf", "count_params", "flops_per_token", "get_gpu", "gpu_hours",
+    "computed_quantity", "count_params", "flops_per_token", "get_gpu", "gpu_hours",
     "implied_mfu", "kv_bytes", "kv_elements_per_token_layer", "kv_uncompressed_elements_per_token_layer",
     "load_config", "mtp_redundant_copies", "parse_amount", "parse_context", "serving_gpus",
     "training_bytes_per_gpu", "training_flops", "v3_implied_mfu", "weight_bytes",

@@ -19,14 +19,23 @@ from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("convert", help="convert a Hugging Face MoE checkpoint (e.g. FP8 -> bf16)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a Hugging Face MoE checkpoint (e.g. FP8 -> bf16)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", type=Path, help="source Hugging Face model directory")
     p.add_argument("dst", type=Path, help="destination directory (created)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the written weights")
     p.add_argument("--max-shard-size", default="5GB", help="shard the weights above this size (default 5GB)")
-    p.add_argument("--ignore", action="append", default=[], metavar="REGEX",
-                   help="skip source tensors (or leave model tensors zero) matching REGEX; repeatable")
+    p.add_argument(
+        "--ignore",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="skip source tensors (or leave model tensors zero) matching REGEX; repeatable",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -52,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
     for n in rep.notices:
         print(f"note: {n}")
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{src} -> {dst}: {rep.family}, {n_params / 1e6:.2f}M parameters as {args.dtype}; "
-          f"{rep.tensors_read} tensors read ({rep.dequantized} FP8-dequantised, {rep.scales} scales), "
-          f"{len(rep.verified_copies)} MTP copies verified, {len(rep.ignored)} ignored; "
-          f"load {t1 - t0:.1f}s, save {t2 - t1:.1f}s")
+    print(
+        f"{src} -> {dst}: {rep.family}, {n_params / 1e6:.2f}M parameters as {args.dtype}; "
+        f"{rep.tensors_read} tensors read ({rep.dequantized} FP8-dequantised, {rep.scales} scales), "
+        f"{len(rep.verified_copies)} MTP copies verified, {len(rep.ignored)} ignored; "
+        f"load {t1 - t0:.1f}s, save {t2 - t1:.1f}s"
+    )
     return 0

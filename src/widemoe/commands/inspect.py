@@ -17,8 +17,12 @@ from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("inspect", help="summarise a Hugging Face MoE checkpoint directory",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "inspect",
+        help="summarise a Hugging Face MoE checkpoint directory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("dir", type=Path, help="Hugging Face model directory")
     p.set_defaults(func=run)
     return p
@@ -39,10 +43,15 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _layer_rows(cfg) -> list[tuple[str, str, str]]:  # noqa: ANN001
-    attn = "MLA" if cfg.is_mla else f"GQA {cfg.num_attention_heads}/{cfg.kv_heads}" + (
-        f" qk-norm {cfg.qk_norm}" if cfg.qk_norm != "none" else "")
-    moe = (f"MoE {cfg.n_routed_experts}x{cfg.moe_intermediate_size} top-{cfg.num_experts_per_tok}"
-           + (f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else ""))
+    attn = (
+        "MLA"
+        if cfg.is_mla
+        else f"GQA {cfg.num_attention_heads}/{cfg.kv_heads}"
+        + (f" qk-norm {cfg.qk_norm}" if cfg.qk_norm != "none" else "")
+    )
+    moe = f"MoE {cfg.n_routed_experts}x{cfg.moe_intermediate_size} top-{cfg.num_experts_per_tok}" + (
+        f" + {cfg.n_shared_experts} shared" if cfg.n_shared_experts else ""
+    )
     dense = f"dense SwiGLU {cfg.intermediate_size}"
     kinds = [moe if cfg.is_moe_layer(i) else dense for i in range(cfg.num_hidden_layers)]
     rows, start = [], 0
@@ -63,7 +72,12 @@ def run(args: argparse.Namespace) -> int:
     from widemoe.hf import fp8 as fp8mod
     from widemoe.hf.config_map import hf_to_model_config
     from widemoe.hf.loader import (
-        LoadError, PickleCheckpointError, find_weight_files, model_targets, plan_load, read_hf_config,
+        LoadError,
+        PickleCheckpointError,
+        find_weight_files,
+        model_targets,
+        plan_load,
+        read_hf_config,
         read_tensor_table,
     )
     from widemoe.model.transformer import build_model
@@ -72,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         hf = read_hf_config(path)
         cfg, notices = hf_to_model_config(hf, source=str(path / "config.json"))
-        spec = fp8mod.parse_quantization_config(hf.get("quantization_config"), source=str(path / "config.json"))
+        spec = fp8mod.parse_quantization_config(
+            hf.get("quantization_config"), source=str(path / "config.json")
+        )
         files = find_weight_files(path)
         table = read_tensor_table(path, files)
     except (ConfigError, PickleCheckpointError, FileNotFoundError, ValueError) as e:
@@ -80,21 +96,31 @@ def run(args: argparse.Namespace) -> int:
         return 1
 
     out: list[str] = [f"{path}"]
-    out.append(f"  family        {cfg.model_type} (model_type {hf.get('model_type')!r}, architectures "
-               f"{hf.get('architectures')})")
-    out.append(f"  size          vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
-               f"{cfg.num_attention_heads} heads, tied embeddings: {cfg.tie_word_embeddings}")
-    out.append(f"  routing       {cfg.scoring_func} / {cfg.topk_method}, groups {cfg.n_group}/{cfg.topk_group}, "
-               f"norm_topk_prob {cfg.norm_topk_prob}, scale {cfg.routed_scaling_factor}")
+    out.append(
+        f"  family        {cfg.model_type} (model_type {hf.get('model_type')!r}, architectures "
+        f"{hf.get('architectures')})"
+    )
+    out.append(
+        f"  size          vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+        f"{cfg.num_attention_heads} heads, tied embeddings: {cfg.tie_word_embeddings}"
+    )
+    out.append(
+        f"  routing       {cfg.scoring_func} / {cfg.topk_method}, groups {cfg.n_group}/{cfg.topk_group}, "
+        f"norm_topk_prob {cfg.norm_topk_prob}, scale {cfg.routed_scaling_factor}"
+    )
     rope = f"theta {cfg.rope_theta:g}"
     if cfg.yarn:
-        rope += (f", YaRN x{cfg.yarn['factor']:g} from {cfg.yarn['original_max_position_embeddings']}")
-    out.append(f"  positions     {rope}, max {cfg.max_position_embeddings}, "
-               f"{'interleaved' if cfg.rope_interleave else 'rotate-half'} RoPE")
+        rope += f", YaRN x{cfg.yarn['factor']:g} from {cfg.yarn['original_max_position_embeddings']}"
+    out.append(
+        f"  positions     {rope}, max {cfg.max_position_embeddings}, "
+        f"{'interleaved' if cfg.rope_interleave else 'rotate-half'} RoPE"
+    )
     pc = count_params(cfg)
-    out.append(f"  parameters    total {_fmt_count(pc.main_total)} + MTP {_fmt_count(pc.mtp)}, "
-               f"active/token {_fmt_count(pc.active_with_embedding)} "
-               f"({_fmt_count(pc.active_without_embedding)} without the embedding)")
+    out.append(
+        f"  parameters    total {_fmt_count(pc.main_total)} + MTP {_fmt_count(pc.mtp)}, "
+        f"active/token {_fmt_count(pc.active_with_embedding)} "
+        f"({_fmt_count(pc.active_without_embedding)} without the embedding)"
+    )
     by_dtype: Counter[str] = Counter()
     bytes_dtype: Counter[str] = Counter()
     for info in table.values():
@@ -102,16 +128,22 @@ def run(args: argparse.Namespace) -> int:
         by_dtype[name] += 1
         bytes_dtype[name] += info.end - info.start
     total_bytes = sum(bytes_dtype.values())
-    out.append(f"  weights       {len(files)} file(s), {len(table)} tensors, {_fmt_bytes(total_bytes)}: "
-               + ", ".join(f"{k} {by_dtype[k]} ({_fmt_bytes(bytes_dtype[k])})" for k in sorted(by_dtype)))
+    out.append(
+        f"  weights       {len(files)} file(s), {len(table)} tensors, {_fmt_bytes(total_bytes)}: "
+        + ", ".join(f"{k} {by_dtype[k]} ({_fmt_bytes(bytes_dtype[k])})" for k in sorted(by_dtype))
+    )
     if spec:
         n_scales = sum(k.endswith("_scale_inv") for k in table)
-        out.append(f"  quantisation  fp8 e4m3, block {list(spec.block)}{', ue8m0 scales' if spec.ue8m0 else ''}, "
-                   f"{n_scales} scale tensors (dequantised on load)")
+        out.append(
+            f"  quantisation  fp8 e4m3, block {list(spec.block)}{', ue8m0 scales' if spec.ue8m0 else ''}, "
+            f"{n_scales} scale tensors (dequantised on load)"
+        )
     L = cfg.num_hidden_layers
     mtp_keys = [k for k in table if k.startswith("model.layers.") and int(k.split(".")[2]) >= L]
     if cfg.num_nextn_predict_layers:
-        state = f"{len(mtp_keys)} tensors present" if mtp_keys else "absent from the weights (loaded without MTP)"
+        state = (
+            f"{len(mtp_keys)} tensors present" if mtp_keys else "absent from the weights (loaded without MTP)"
+        )
         out.append(f"  MTP           {cfg.num_nextn_predict_layers} module(s) at model.layers.{L}+: {state}")
     out.append("  layers")
     rows = _layer_rows(cfg)
@@ -130,8 +162,14 @@ def run(args: argparse.Namespace) -> int:
     except LoadError as e:
         ok = False
         odd.append(str(e))
-    out.append("  accounting    " + ("OK: every tensor maps onto the model and every parameter is covered" if ok
-                                     else "FAILS: the directory would not load (see below)"))
+    out.append(
+        "  accounting    "
+        + (
+            "OK: every tensor maps onto the model and every parameter is covered"
+            if ok
+            else "FAILS: the directory would not load (see below)"
+        )
+    )
     for n in odd:
         out.append(f"  note          {n}")
     print("\n".join(out))

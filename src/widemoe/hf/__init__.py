@@ -6,5 +6,15 @@ from widemoe.hf.config_map import FAMILIES, detect_family, hf_to_model_config, m
 from widemoe.hf.loader import LoadError, LoadReport, PickleCheckpointError, load_into, load_pretrained
 from widemoe.hf.saver import save_pretrained
 
-__all__ = ["FAMILIES", "LoadError", "LoadReport", "PickleCheckpointError", "detect_family", "hf_to_model_config",
-           "load_into", "load_pretrained", "model_config_to_hf", "save_pretrained"]
+__all__ = [
+    "FAMILIES",
+    "LoadError",
+    "LoadReport",
+    "PickleCheckpointError",
+    "detect_family",
+    "hf_to_model_config",
+    "load_into",
+    "load_pretrained",
+    "model_config_to_hf",
+    "save_pretrained",
+]

@@ -35,15 +35,19 @@ def parse_quantization_config(qc: dict[str, Any] | None, *, source: str = "confi
         return None
     method = qc.get("quant_method")
     if method != "fp8":
-        raise ValueError(f"{source}: quantization_config.quant_method={method!r} is not supported; widemoe reads "
-                         "unquantised checkpoints and block-FP8 ('fp8', fmt e4m3)")
+        raise ValueError(
+            f"{source}: quantization_config.quant_method={method!r} is not supported; widemoe reads "
+            "unquantised checkpoints and block-FP8 ('fp8', fmt e4m3)"
+        )
     fmt = qc.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise ValueError(f"{source}: quantization_config.fmt={fmt!r} is not supported (only 'e4m3')")
     bs = qc.get("weight_block_size")
     if not (isinstance(bs, (list, tuple)) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs)):
-        raise ValueError(f"{source}: quantization_config.weight_block_size={bs!r} must be two positive integers "
-                         "(per-tensor FP8 is not supported)")
+        raise ValueError(
+            f"{source}: quantization_config.weight_block_size={bs!r} must be two positive integers "
+            "(per-tensor FP8 is not supported)"
+        )
     sf = qc.get("scale_fmt")
     if sf not in (None, "ue8m0"):
         raise ValueError(f"{source}: quantization_config.scale_fmt={sf!r} is not supported (null or 'ue8m0')")
@@ -64,16 +68,22 @@ def scale_to_fp32(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
-def dequantize(w_q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequantize(
+    w_q: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """``w_q * scale_inv`` block-wise, partial edge blocks included; returns ``out_dtype``.
 
     Works one row-block at a time so the only temporary beyond the fp32 result is one row of scales.
     """
     want = scale_grid_shape(tuple(w_q.shape), block)
     if tuple(scale_inv.shape) != want:
-        raise ValueError(f"weight_scale_inv shape {list(scale_inv.shape)} does not match weight "
-                         f"{list(w_q.shape)} with block {list(block)} (expected {list(want)})")
+        raise ValueError(
+            f"weight_scale_inv shape {list(scale_inv.shape)} does not match weight "
+            f"{list(w_q.shape)} with block {list(block)} (expected {list(want)})"
+        )
     s = scale_to_fp32(scale_inv)
     M, N = w_q.shape[-2], w_q.shape[-1]
     bm, bn = block
@@ -85,8 +95,9 @@ def dequantize(w_q: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int
     return w.to(out_dtype)
 
 
-def quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128), ue8m0: bool = False
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(
+    w: torch.Tensor, block: tuple[int, int] = (128, 128), ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-quantise ``w`` to (float8_e4m3fn weight, fp32 weight_scale_inv); the inverse of dequantize.
 
     Per block ``S = amax / 448`` (ue8m0: rounded up to a power of two); ``W_q = W / S``. Edge blocks are
@@ -106,5 +117,12 @@ def quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128), ue8m0: bool =
     return w_q, s.contiguous()
 
 
-__all__ = ["FP8_MAX", "Fp8Spec", "dequantize", "parse_quantization_config", "quantize", "scale_grid_shape",
-           "scale_to_fp32"]
+__all__ = [
+    "FP8_MAX",
+    "Fp8Spec",
+    "dequantize",
+    "parse_quantization_config",
+    "quantize",
+    "scale_grid_shape",
+    "scale_to_fp32",
+]

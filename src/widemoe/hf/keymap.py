@@ -29,8 +29,12 @@ import torch
 from widemoe.config import ModelConfig
 from widemoe.hf.config_map import export_family
 
-_EXPERT_RE = re.compile(r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
-_MIXTRAL_EXPERT_RE = re.compile(r"^(?P<prefix>.*)\.block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<w>w1|w2|w3)\.weight$")
+_EXPERT_RE = re.compile(
+    r"^(?P<prefix>.*\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$"
+)
+_MIXTRAL_EXPERT_RE = re.compile(
+    r"^(?P<prefix>.*)\.block_sparse_moe\.experts\.(?P<e>\d+)\.(?P<w>w1|w2|w3)\.weight$"
+)
 _LAYER_RE = re.compile(r"^model\.layers\.(?P<n>\d+)\.(?P<rest>.+)$")
 _MIXTRAL_W = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _MIXTRAL_W_INV = {v: k for k, v in _MIXTRAL_W.items()}
@@ -49,7 +53,7 @@ class Slot:
         if self.expert is not None:
             t = t[self.expert]
         if self.rows is not None:
-            t = t[self.rows[0]:self.rows[1]]
+            t = t[self.rows[0] : self.rows[1]]
         return t
 
     def shape(self, target_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -131,7 +135,7 @@ def slot_to_hf(target: str, shape: tuple[int, ...], cfg: ModelConfig) -> list[tu
         rest = mt["rest"]
         if rest == "shared_head_norm.weight":
             return [(f"{base}.shared_head.norm.weight", Slot(target))]
-        name = f"{base}.{rest[len('block.'):]}" if rest.startswith("block.") else f"{base}.{rest}"
+        name = f"{base}.{rest[len('block.') :]}" if rest.startswith("block.") else f"{base}.{rest}"
     out: list[tuple[str, Slot]] = []
     ex = re.match(r"^(?P<prefix>.*)\.mlp\.experts\.(?P<p>gate_up_proj|down_proj)$", name)
     if ex:
@@ -158,7 +162,10 @@ def redundant_hf_keys(cfg: ModelConfig) -> list[tuple[str, str]]:
     out = []
     for k in range(cfg.num_nextn_predict_layers):
         base = f"model.layers.{cfg.num_hidden_layers + k}"
-        out += [(f"{base}.embed_tokens.weight", "model.embed_tokens.weight"), (f"{base}.shared_head.head.weight", head)]
+        out += [
+            (f"{base}.embed_tokens.weight", "model.embed_tokens.weight"),
+            (f"{base}.shared_head.head.weight", head),
+        ]
     return out
 
 

@@ -44,9 +44,18 @@ from widemoe.hf.keymap import SCALE_SUFFIX, Redundant, Slot, hf_to_slot, slot_to
 log = logging.getLogger("widemoe.hf")
 
 ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 if hasattr(torch, "float8_e8m0fnu"):
     ST_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
@@ -62,12 +71,27 @@ class PickleCheckpointError(ValueError):
 class LoadError(ValueError):
     """Strict accounting failed: the message lists every offending key."""
 
-    def __init__(self, path: str, missing: list[str], unexpected: list[str], mismatched: list[str],
-                 other: list[str] | None = None) -> None:
-        self.missing, self.unexpected, self.mismatched, self.other = missing, unexpected, mismatched, other or []
+    def __init__(
+        self,
+        path: str,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[str],
+        other: list[str] | None = None,
+    ) -> None:
+        self.missing, self.unexpected, self.mismatched, self.other = (
+            missing,
+            unexpected,
+            mismatched,
+            other or [],
+        )
         parts = [f"{path}: checkpoint does not match the model"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches (key: expected vs found)", mismatched), ("other problems", self.other)):
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches (key: expected vs found)", mismatched),
+            ("other problems", self.other),
+        ):
             if items:
                 shown = items[:40] + ([f"... and {len(items) - 40} more"] if len(items) > 40 else [])
                 parts.append(f"{len(items)} {title}:\n  " + "\n  ".join(shown))
@@ -130,8 +154,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         s0, s1 = (int(o) for o in meta["data_offsets"])
         nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
         if s1 - s0 != nbytes or s0 < 0 or base + s1 > size:
-            raise ValueError(f"{path}: tensor {key!r} has data_offsets {[s0, s1]} inconsistent with its shape "
-                             f"{list(shape)} or the file size")
+            raise ValueError(
+                f"{path}: tensor {key!r} has data_offsets {[s0, s1]} inconsistent with its shape "
+                f"{list(shape)} or the file size"
+            )
         out[key] = TensorInfo(path, key, dt, shape, base + s0, base + s1)
     return out
 
@@ -165,7 +191,9 @@ def find_weight_files(path: Path) -> list[Path]:
         names = sorted(set(wm.values()))
         for name in names:
             if Path(name).name != name or not name.endswith(".safetensors"):
-                raise ValueError(f"{index}: shard name {name!r} must be a plain .safetensors file name in the directory")
+                raise ValueError(
+                    f"{index}: shard name {name!r} must be a plain .safetensors file name in the directory"
+                )
             if not (path / name).exists():
                 raise FileNotFoundError(f"{index}: shard {name!r} listed in weight_map does not exist")
         return [path / n for n in names]
@@ -174,13 +202,17 @@ def find_weight_files(path: Path) -> list[Path]:
     pickles = [p.name for g in _PICKLE_GLOBS for p in sorted(path.glob(g))]
     if pickles:
         raise PickleCheckpointError(
-            f"{path}: only pickle checkpoints found ({', '.join(pickles[:4])}); widemoe never unpickles weights "
-            "(unpickling can execute code). Convert them once, in an environment you trust, with transformers: "
-            "AutoModelForCausalLM.from_pretrained(SRC).save_pretrained(DST) (writes safetensors), then load DST.")
+            f"{path}: only pickle checkpoints found ({', '.join(pickles[:4])}); widemoe never unpickles "
+            "weights (unpickling can execute code). Convert them once, in an environment you trust, with "
+            "transformers: AutoModelForCausalLM.from_pretrained(SRC).save_pretrained(DST) (writes "
+            "safetensors), then load DST."
+        )
     others = sorted(p.name for p in path.glob("*.safetensors"))
     if others:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json (found "
-                                f"{', '.join(others[:4])}; name it model.safetensors or add an index)")
+        raise FileNotFoundError(
+            f"{path}: no model.safetensors or model.safetensors.index.json (found "
+            f"{', '.join(others[:4])}; name it model.safetensors or add an index)"
+        )
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -189,14 +221,18 @@ def read_tensor_table(path: Path, files: list[Path]) -> dict[str, TensorInfo]:
     for f in files:
         for key, info in read_safetensors_header(f).items():
             if key in table:
-                raise ValueError(f"{path}: tensor {key!r} appears in both {table[key].file.name} and {f.name}")
+                raise ValueError(
+                    f"{path}: tensor {key!r} appears in both {table[key].file.name} and {f.name}"
+                )
             table[key] = info
     index = path / "model.safetensors.index.json"
     if index.exists():
         wm = json.loads(index.read_text())["weight_map"]
         for key, name in wm.items():
             if key not in table or table[key].file.name != name:
-                raise ValueError(f"{index}: weight_map says {key!r} is in {name}, but that shard does not hold it")
+                raise ValueError(
+                    f"{index}: weight_map says {key!r} is in {name}, but that shard does not hold it"
+                )
     return table
 
 
@@ -217,9 +253,15 @@ class Verify:
     of: str
 
 
-def plan_load(cfg: ModelConfig, targets: dict[str, tuple[tuple[int, ...], torch.dtype]],
-              table: dict[str, TensorInfo], *, fp8: fp8mod.Fp8Spec | None = None,
-              ignore: Iterable[str] = (), path: str = "checkpoint") -> tuple[list[Read], list[Verify], LoadReport]:
+def plan_load(
+    cfg: ModelConfig,
+    targets: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    table: dict[str, TensorInfo],
+    *,
+    fp8: fp8mod.Fp8Spec | None = None,
+    ignore: Iterable[str] = (),
+    path: str = "checkpoint",
+) -> tuple[list[Read], list[Verify], LoadReport]:
     """Map every source tensor to a destination and check the books; raise LoadError on any gap."""
     pats = [re.compile(p) for p in ignore]
     ignored = lambda k: any(p.search(k) for p in pats)  # noqa: E731
@@ -244,8 +286,9 @@ def plan_load(cfg: ModelConfig, targets: dict[str, tuple[tuple[int, ...], torch.
             if dest.of not in shapes:
                 dest = None
             elif info.shape != shapes[dest.of]:
-                mismatched.append(f"{key}: expected {list(shapes[dest.of])} (copy of {dest.of}) "
-                                  f"vs found {list(info.shape)}")
+                mismatched.append(
+                    f"{key}: expected {list(shapes[dest.of])} (copy of {dest.of}) vs found {list(info.shape)}"
+                )
                 continue
             else:
                 if ignored(key):
@@ -282,7 +325,9 @@ def plan_load(cfg: ModelConfig, targets: dict[str, tuple[tuple[int, ...], torch.
             used_scales.add(sk)
             gwant = fp8mod.scale_grid_shape(info.shape, fp8.block)
             if scale.shape != gwant:
-                mismatched.append(f"{sk}: expected {list(gwant)} (block {list(fp8.block)}) vs found {list(scale.shape)}")
+                mismatched.append(
+                    f"{sk}: expected {list(gwant)} (block {list(fp8.block)}) vs found {list(scale.shape)}"
+                )
                 continue
         prev = covered.setdefault(dest.target, {})
         whole = Slot(dest.target)
@@ -334,8 +379,9 @@ def _group_by_file(items: Iterable[Any]) -> Iterator[tuple[Path, list[Any]]]:
         yield f, sorted(by[f], key=lambda it: it.info.start)
 
 
-def _materialise(info: TensorInfo, scale: TensorInfo | None, fh: Any, fp8: fp8mod.Fp8Spec | None,
-                 dtype: torch.dtype) -> torch.Tensor:
+def _materialise(
+    info: TensorInfo, scale: TensorInfo | None, fh: Any, fp8: fp8mod.Fp8Spec | None, dtype: torch.dtype
+) -> torch.Tensor:
     t = read_tensor(info, fh)
     if scale is not None:
         assert fp8 is not None
@@ -344,8 +390,14 @@ def _materialise(info: TensorInfo, scale: TensorInfo | None, fh: Any, fp8: fp8mo
 
 
 @torch.no_grad()
-def execute_load(targets: dict[str, torch.Tensor], reads: list[Read], verifies: list[Verify], report: LoadReport,
-                 *, fp8: fp8mod.Fp8Spec | None = None) -> LoadReport:
+def execute_load(
+    targets: dict[str, torch.Tensor],
+    reads: list[Read],
+    verifies: list[Verify],
+    report: LoadReport,
+    *,
+    fp8: fp8mod.Fp8Spec | None = None,
+) -> LoadReport:
     """Fill ``targets`` (name -> preallocated tensor) from the planned reads, file by file."""
     t0 = time.perf_counter()
     for name in report.zero_filled:
@@ -354,14 +406,20 @@ def execute_load(targets: dict[str, torch.Tensor], reads: list[Read], verifies: 
         with open(f, "rb", buffering=0) as fh:
             for r in items:
                 dst = r.slot.view(targets[r.slot.target])
-                if (r.scale is None and r.info.dtype == dst.dtype and dst.is_contiguous()
-                        and dst.device.type == "cpu"):
+                if (
+                    r.scale is None
+                    and r.info.dtype == dst.dtype
+                    and dst.is_contiguous()
+                    and dst.device.type == "cpu"
+                ):
                     read_into(r.info, dst, fh)
                 else:
                     dst.copy_(_materialise(r.info, r.scale, fh, fp8, dst.dtype))
                     report.dequantized += r.scale is not None
                 report.tensors_read += 1
-                report.bytes_read += r.info.end - r.info.start + (r.scale.end - r.scale.start if r.scale else 0)
+                report.bytes_read += (
+                    r.info.end - r.info.start + (r.scale.end - r.scale.start if r.scale else 0)
+                )
     bad = []
     for f, items in _group_by_file(verifies):
         with open(f, "rb", buffering=0) as fh:
@@ -391,9 +449,15 @@ def model_targets(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_into(model: nn.Module, path: str | Path, cfg: ModelConfig | None = None, *,
-              ignore: Iterable[str] = (), hf_config: dict[str, Any] | None = None,
-              table: dict[str, TensorInfo] | None = None) -> LoadReport:
+def load_into(
+    model: nn.Module,
+    path: str | Path,
+    cfg: ModelConfig | None = None,
+    *,
+    ignore: Iterable[str] = (),
+    hf_config: dict[str, Any] | None = None,
+    table: dict[str, TensorInfo] | None = None,
+) -> LoadReport:
     """Load the weights of HF directory ``path`` into an allocated ``model`` (strict accounting)."""
     path = Path(path)
     hf = hf_config if hf_config is not None else read_hf_config(path)
@@ -402,8 +466,14 @@ def load_into(model: nn.Module, path: str | Path, cfg: ModelConfig | None = None
     if table is None:
         table = read_tensor_table(path, find_weight_files(path))
     targets = model_targets(model)
-    reads, verifies, report = plan_load(cfg, {k: (tuple(v.shape), v.dtype) for k, v in targets.items()}, table,
-                                        fp8=fp8, ignore=ignore, path=str(path))
+    reads, verifies, report = plan_load(
+        cfg,
+        {k: (tuple(v.shape), v.dtype) for k, v in targets.items()},
+        table,
+        fp8=fp8,
+        ignore=ignore,
+        path=str(path),
+    )
     return execute_load(targets, reads, verifies, report, fp8=fp8)
 
 
@@ -452,14 +522,21 @@ def allocate_empty(model: nn.Module, device: str | torch.device = "cpu") -> nn.M
             if p is None or not p.is_meta:
                 continue
             if id(p) not in memo:
-                memo[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
-                                           requires_grad=p.requires_grad)
+                memo[id(p)] = nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device=device), requires_grad=p.requires_grad
+                )
             mod._parameters[name] = memo[id(p)]
     return model
 
 
-_DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
-                "fp16": torch.float16, "float16": torch.float16}
+_DTYPE_NAMES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, hf: dict[str, Any]) -> torch.dtype:
@@ -475,8 +552,14 @@ def resolve_dtype(dtype: str | torch.dtype | None, hf: dict[str, Any]) -> torch.
     return _DTYPE_NAMES.get(str(hf.get("dtype") or hf.get("torch_dtype")), torch.float32)
 
 
-def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = "auto", *, ignore: Iterable[str] = (),
-                    device: str | torch.device = "cpu", model_cls: type[nn.Module] | None = None) -> nn.Module:
+def load_pretrained(
+    path: str | Path,
+    dtype: str | torch.dtype | None = "auto",
+    *,
+    ignore: Iterable[str] = (),
+    device: str | torch.device = "cpu",
+    model_cls: type[nn.Module] | None = None,
+) -> nn.Module:
     """Load an HF model directory (config.json + safetensors) as a widemoe model in eval mode.
 
     The family comes from ``model_type`` / ``architectures``. The load report (notices, counts,
@@ -493,8 +576,10 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = "auto", 
     if cfg.num_nextn_predict_layers and not any(_layer_index(k) >= L for k in table):
         # transformers' save_pretrained drops DeepSeek MTP layers (it has no MTP module): load the main
         # model and say so once, rather than failing on a checkpoint that never had them.
-        notices.append(f"config declares num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the "
-                       "checkpoint has no MTP weights (model.layers.{num_hidden_layers}+); loaded without MTP")
+        notices.append(
+            f"config declares num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the "
+            "checkpoint has no MTP weights (model.layers.{num_hidden_layers}+); loaded without MTP"
+        )
         cfg = cfg.replace(num_nextn_predict_layers=0)
     if any(path.glob("*.py")):
         notices.append("python files in the directory were ignored (never imported)")
@@ -509,9 +594,20 @@ def load_pretrained(path: str | Path, dtype: str | torch.dtype | None = "auto", 
     report.notices = notices + report.notices
     report.family = cfg.model_type
     model.load_report = report  # type: ignore[attr-defined]
-    return model.eval()
+    return model.to(device).eval()  # parameters are there already; this moves the RoPE buffers
 
 
-__all__ = ["LoadError", "LoadReport", "PickleCheckpointError", "TensorInfo", "find_weight_files", "load_into",
-           "load_pretrained", "plan_load", "read_hf_config", "read_safetensors_header", "read_tensor_table",
-           "resolve_dtype"]
+__all__ = [
+    "LoadError",
+    "LoadReport",
+    "PickleCheckpointError",
+    "TensorInfo",
+    "find_weight_files",
+    "load_into",
+    "load_pretrained",
+    "plan_load",
+    "read_hf_config",
+    "read_safetensors_header",
+    "read_tensor_table",
+    "resolve_dtype",
+]

@@ -33,10 +33,19 @@ from widemoe.hf.keymap import redundant_hf_keys, slot_to_hf
 from widemoe.hf.loader import ST_DTYPES, model_targets
 
 _ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-_OUR_FILES = re.compile(r"^(model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors)$")
+_OUR_FILES = re.compile(
+    r"^(model\.safetensors|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors)$"
+)
 # Files copied from a source model directory: data only, never code.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 def parse_size(size: int | str) -> int:
@@ -47,8 +56,17 @@ def parse_size(size: int | str) -> int:
     if not m:
         raise ValueError(f"max_shard_size={size!r}: expected a byte count like '5GB' or '500MB'")
     unit = (m[2] or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    mult = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }[unit]
     return int(float(m[1]) * mult)
 
 
@@ -92,8 +110,9 @@ def _dtype_name(model: nn.Module) -> str:
     return {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dt, "float32")
 
 
-def save_pretrained(model: nn.Module, path: str | Path, *, max_shard_size: int | str = "5GB",
-                    tokenizer: Any = None) -> Path:
+def save_pretrained(
+    model: nn.Module, path: str | Path, *, max_shard_size: int | str = "5GB", tokenizer: Any = None
+) -> Path:
     """Write ``model`` as an HF directory at ``path``; returns the path."""
     cfg = model.config  # type: ignore[attr-defined]
     path = Path(path)
@@ -132,7 +151,11 @@ def save_pretrained(model: nn.Module, path: str | Path, *, max_shard_size: int |
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-    gen = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if getattr(cfg, k) is not None}
+    gen = {
+        k: getattr(cfg, k)
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if getattr(cfg, k) is not None
+    }
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is not None:
@@ -163,8 +186,11 @@ def _write_tokenizer_config(path: Path, cfg: Any, tok: Any) -> None:
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    conf: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings,
-                            "clean_up_tokenization_spaces": False}
+    conf: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": cfg.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+    }
     for field in ("bos", "eos", "pad"):
         tid = getattr(cfg, f"{field}_token_id")
         if tid is not None and tok.id_to_token(tid) is not None:

@@ -15,13 +15,17 @@ MLA has two forms with equal outputs (tested):
   ``[B, S, r]`` plus q_pe against the cached rotated k_pe ``[B, S, rope]``; the attention output is a
   latent ``[B, T, H, r]`` mapped by W_UV, then o_proj. Keys and values are one shared "head"
   (MQA over ``r + rope`` channels), so the cache holds ``r + rope`` values per token per layer.
-  The two are stored as one ``"latent"`` entry ``[c_kv ; k_pe]``: the scores need them concatenated
-  and the values are a prefix view, so no per-step concatenation of the history is needed.
+  The two are stored as one ``"latent"`` entry ``[c_kv ; k_pe]``: the scores need them concatenated,
+  so no per-step concatenation of the history is needed; the same tensor serves as the values and
+  the k_pe channels of the output are dropped (equal q/k/v widths keep SDPA on its fused kernel).
 
 Numerics: attention math runs in the input dtype through ``F.scaled_dot_product_attention`` with
 the boolean mask (softmax accumulates in fp32 inside SDPA). A query row with no allowed key (a
 padding position under left padding) would be a 0/0 softmax: such rows are allowed to attend to their
 own position instead, so they produce finite values (which callers ignore) and never NaN.
+The fused SDPA kernels (flash on CPU and GPU) need equal q/k/v widths; when they differ (naive MLA:
+nope+rope vs v) the narrower side is zero-padded, which is exact, instead of falling back to the
+math kernel that materialises the [B, H, T, S] scores.
 
 MLA's internal norms (q_a_layernorm, kv_a_layernorm) use eps 1e-6 regardless of ``rms_norm_eps``, as
 both DeepSeek's reference and transformers do.
@@ -71,8 +75,7 @@ def attend(q_BTHd: torch.Tensor, k_BSKd: torch.Tensor, v_BSKe: torch.Tensor, mas
     """
     e_out = v_BSKe.shape[-1]
     if e_out != q_BTHd.shape[-1]:
-        # The fused (flash) SDPA kernels need equal q/k/v widths; otherwise SDPA falls back to the math
-        # kernel, which materialises [B, H, T, S] scores (about 10x slower on CPU). Zero channels are exact.
+        # fused SDPA kernels need equal widths (see the module docstring); zero channels are exact
         w = max(e_out, q_BTHd.shape[-1])
         q_BTHd, k_BSKd = F.pad(q_BTHd, (0, w - q_BTHd.shape[-1])), F.pad(k_BSKd, (0, w - k_BSKd.shape[-1]))
         v_BSKe = F.pad(v_BSKe, (0, w - e_out))
@@ -101,7 +104,7 @@ def attend(q_BTHd: torch.Tensor, k_BSKd: torch.Tensor, v_BSKe: torch.Tensor, mas
 
     if G > 1 and T <= _FOLD_MAX_T:
         # rows (g, t) of kv head k: the G query heads that share it, folded into the query-length dim
-        q_BKMd = q_BTHd.view(B, T, K, G, d).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, d)
+        q_BKMd = q_BTHd.reshape(B, T, K, G, d).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, d)
         m_B1MS = mask_BTS[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
         o_BKMe = F.scaled_dot_product_attention(q_BKMd, k_BKSd, v_BKSe, attn_mask=m_B1MS, scale=scale)
         return o_BKMe.view(B, K, G, T, e).permute(0, 3, 1, 2, 4).reshape(B, T, H, e)

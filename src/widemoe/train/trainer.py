@@ -51,7 +51,8 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 16
     grad_accum: int = 1
-    steps: int = 300
+    steps: int = 300  # length of the schedule
+    stop_at: int | None = None  # stop after this step (the schedule still spans `steps`); resume later
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -295,19 +296,20 @@ class Trainer:
             self.metrics.write({"kind": "resume", "step": self.step, "from": str(resumed)})
         last_eval: dict[str, Any] | None = None
         with _progress(tc.progress, tc.steps, self.step) as bar:
-            while self.step < tc.steps:
+            end = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
+            while self.step < end:
                 try:
                     rec = self.train_step()
                 except TrainingStopped as e:
                     path = self.save()
                     self.metrics.write({"kind": "stopped", "step": self.step, "reason": str(e)})
                     raise TrainingStopped(f"{e}; the last good state (step {self.step}) is saved in {path}") from None
-                if self.step % tc.log_every == 0 or self.step == tc.steps:
+                if self.step % tc.log_every == 0 or self.step == end:
                     self.metrics.write(rec)
-                if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                if self.step % tc.eval_every == 0 or self.step == end:
                     last_eval = self.evaluate()
                     self.metrics.write(last_eval)
-                if self.step % tc.save_every == 0 or self.step == tc.steps:
+                if self.step % tc.save_every == 0 or self.step == end:
                     self.save()
                 bar(self.step, rec)
         return {"final_eval": last_eval, "steps": self.step, "run_dir": str(self.run_dir)}

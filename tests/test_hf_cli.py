@@ -1,0 +1,86 @@
+"""`widemoe convert` (FP8 -> bf16) and `widemoe inspect` on tiny checkpoint directories."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from widemoe.cli import main
+from widemoe.config import get_preset
+from widemoe.hf import load_pretrained, save_pretrained
+from widemoe.hf.fp8 import dequantize, quantize
+from widemoe.hf.loader import read_safetensors_header
+from widemoe.model.transformer import build_model
+
+
+def _fp8_dir(tmp_path):
+    """A micro DeepSeek model written as an FP8 directory (block 16, partial edge blocks) + a tokenizer."""
+    cfg = get_preset("micro", vocab_size=64)
+    model = build_model(cfg, seed=1)
+    src = tmp_path / "src"
+    save_pretrained(model, src)
+    sd = load_file(src / "model.safetensors")
+    for k in list(sd):
+        if sd[k].dim() == 2 and not any(
+            s in k for s in ("embed", "lm_head", "mlp.gate.", "eh_proj", "shared_head")
+        ):
+            sd[k], sd[k + "_scale_inv"] = quantize(sd[k], (16, 16))
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    conf = json.loads((src / "config.json").read_text())
+    conf["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [16, 16],
+    }
+    (src / "config.json").write_text(json.dumps(conf))
+    (src / "tokenizer.json").write_text(
+        '{"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}}'
+    )
+    (src / "modeling_evil.py").write_text("raise SystemExit('executed')\n")
+    return src, sd
+
+
+def test_convert_fp8_to_bf16(tmp_path, capsys) -> None:
+    src, sd = _fp8_dir(tmp_path)
+    dst = tmp_path / "dst"
+    assert main(["convert", str(src), str(dst), "--dtype", "bf16"]) == 0
+    msg = capsys.readouterr().out
+    assert "FP8-dequantised" in msg and "2 MTP copies verified" in msg
+    conf = json.loads((dst / "config.json").read_text())
+    assert "quantization_config" not in conf and conf["dtype"] == "bfloat16"
+    assert (dst / "tokenizer.json").exists() and not (dst / "modeling_evil.py").exists()
+    header = read_safetensors_header(dst / "model.safetensors")
+    assert not any(k.endswith("_scale_inv") for k in header)
+    assert header["model.layers.1.mlp.experts.2.down_proj.weight"].dtype == torch.bfloat16
+    assert header["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == torch.float32
+    k = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"  # 40 rows: a partial block of 8
+    want = dequantize(sd[k], sd[k + "_scale_inv"], (16, 16), out_dtype=torch.bfloat16)
+    assert torch.equal(load_file(dst / "model.safetensors")[k], want)
+    m = load_pretrained(dst)
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_inspect_reports_family_quantisation_and_accounting(tmp_path, capsys) -> None:
+    src, _ = _fp8_dir(tmp_path)
+    assert main(["inspect", str(src)]) == 0
+    out = capsys.readouterr().out
+    for needle in (
+        "deepseek_v3",
+        "fp8 e4m3, block [16, 16]",
+        "MTP",
+        "MoE 8x32 top-2 + 1 shared",
+        "accounting    OK",
+        "active/token",
+    ):
+        assert needle in out, needle
+
+
+def test_inspect_fails_on_a_directory_that_would_not_load(tmp_path, capsys) -> None:
+    src, sd = _fp8_dir(tmp_path)
+    del sd["model.layers.2.mlp.experts.5.gate_proj.weight"]
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    assert main(["inspect", str(src)]) == 1
+    assert "model.layers.2.mlp.experts.5.gate_proj.weight" in capsys.readouterr().out
