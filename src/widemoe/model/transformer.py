@@ -60,7 +60,7 @@ class DecoderLayer(nn.Module):
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_BTS: torch.Tensor,
+    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_BTS: torch.Tensor | None,
                 cache: LayerCache | None = None, token_ids_BT: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, RoutingInfo | None]:
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_BTS, cache)
@@ -85,7 +85,7 @@ class MTPModule(nn.Module):
         self.shared_head_norm = RMSNorm(D, config.rms_norm_eps)
 
     def forward(self, h_prev_BTD: torch.Tensor, emb_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask_BTS: torch.Tensor, token_ids_BT: torch.Tensor | None
+                mask_BTS: torch.Tensor | None, token_ids_BT: torch.Tensor | None
                 ) -> tuple[torch.Tensor, RoutingInfo | None]:
         h = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], dim=-1))
         return self.block(h, cos, sin, mask_BTS, None, token_ids_BT)
@@ -130,13 +130,15 @@ class WideMoeModel(nn.Module):
     def forward(self, input_ids_BT: torch.Tensor, attention_mask_BS: torch.Tensor | None = None,
                 position_ids_BT: torch.Tensor | None = None, cache: KVCache | None = None,
                 ) -> tuple[torch.Tensor, list[RoutingInfo], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """Returns (h_pre_norm_BTD, routing, (cos, sin), mask_BTS)."""
+        """Returns (h_pre_norm_BTD, routing, (cos, sin), mask_BTS); the mask is None for plain causal."""
         B, T = input_ids_BT.shape
         past = cache.seq_len if cache is not None else 0
         device = input_ids_BT.device
         if position_ids_BT is None:
             position_ids_BT = self.positions(attention_mask_BS, B, T, past, device)
-        mask_BTS = build_mask(attention_mask_BS, B, T, past, device)
+        # Plain causal attention (no padding, nothing cached) takes SDPA's is_causal fast path.
+        plain = attention_mask_BS is None and past == 0
+        mask_BTS = None if plain else build_mask(attention_mask_BS, B, T, past, device)
         cos, sin = self.rotary_emb(position_ids_BT)
         x = self.embed_tokens(input_ids_BT)
         routing: list[RoutingInfo] = []

@@ -120,7 +120,8 @@ def plot_max_vio(run: RunData, path: Path) -> Path | None:
             highest = max(highest, float(y.max()))
             ax.plot(x, y, "s", color=color, mec="black", mew=0.6, ms=6, label=f"{name} (held-out)")
     if many:
-        pts = [(r["step"], r["max_vio_mean"]) for r in run.train if "max_vio_mean" in r]
+        pts = [(r["step"], r.get("max_vio_mean", float(np.mean(list(r["max_vio"].values())))))
+               for r in run.train if r.get("max_vio")]
         if pts:
             x, y = np.array(pts).T
             ax.plot(x, _moving_average(y, max(1, len(y) // 30)), color="tab:blue", lw=1.8,
@@ -128,7 +129,8 @@ def plot_max_vio(run: RunData, path: Path) -> Path | None:
         ev = [(e["step"], e["heldout_max_vio_mean"]) for e in run.evals if "heldout_max_vio_mean" in e]
         if ev:
             x, y = np.array(ev).T
-            ax.plot(x, y, "s", color="tab:orange", mec="black", mew=0.6, ms=6, label="mean over layers (held-out)")
+            ax.plot(x, y, "s", color="tab:orange", mec="black", mew=0.6, ms=6,
+                    label="mean over layers (held-out)")
         ax.plot([], [], color="grey", alpha=0.5, lw=0.6, label="each layer (train batch)")
     ax.axhline(0.0, color="black", lw=0.8)
     n_exp, top_k = config.get("n_routed_experts"), config.get("num_experts_per_tok")
@@ -164,13 +166,15 @@ def plot_expert_load(layers: Sequence[LayerRouting], path: Path, eval_step: int,
         mean = lr.load_E.mean()
         rel[i, : lr.n_experts] = lr.load_E / mean if mean > 0 else 0.0
     vmax = max(2.0, float(np.nanmax(rel)))
-    fig = _new_figure(min(16, max(7.5, 3 + 0.32 * n_exp)), 1.9 + 0.45 * len(layers))
+    fig = _new_figure(min(16, max(7.5, 3 + 0.32 * n_exp)), 1.9 + min(12.0, 0.45 * len(layers)))
     ax = fig.add_subplot()
     im = ax.imshow(rel, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax),
                    interpolation="nearest")
     rel0 = np.nan_to_num(rel)
     _annotate(ax, rel0, ".2f", dark_RC=(rel0 < 0.35) | (rel0 > 1 + 0.65 * (vmax - 1)))
-    ax.set_yticks(range(len(layers)), [layer_label(lr.layer, num_hidden_layers) for lr in layers])
+    every = max(1, len(layers) // 24)  # at most ~24 row labels
+    ax.set_yticks(range(0, len(layers), every),
+                  [layer_label(lr.layer, num_hidden_layers) for lr in layers][::every])
     ax.set_xticks(_expert_ticks(n_exp))
     ax.set_xlabel("routed expert")
     ax.set_title(f"Expert load on the held-out set (step {eval_step})\n"
@@ -199,14 +203,14 @@ def plot_domain_expert(layers: Sequence[LayerRouting], path: Path, eval_step: in
         return None
     n_exp = max(lr.n_experts for lr in shown)
     n_dom = max(len(lr.domains) for lr in shown)
-    vmax = max(float(lr.share_DE.max()) for lr in shown) or 1.0
+    vmax = 100 * max(float(lr.share_DE.max()) for lr in shown) or 100.0  # in %
     fig = _new_figure(min(16, max(7.5, 3 + 0.32 * n_exp)), 1.1 + len(shown) * (0.55 + 0.32 * n_dom))
     axes = fig.subplots(len(shown), 1, squeeze=False)[:, 0]
     im = None
     for ax, lr in zip(axes, shown):
-        im = ax.imshow(lr.share_DE, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax,
+        im = ax.imshow(100 * lr.share_DE, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax,
                        interpolation="nearest")
-        _annotate(ax, lr.share_DE * 100, ".0f", dark_RC=lr.share_DE < 0.6 * vmax)  # viridis: dark when low
+        _annotate(ax, lr.share_DE * 100, ".0f", dark_RC=100 * lr.share_DE < 0.6 * vmax)  # viridis: dark low
         ax.set_yticks(range(len(lr.domains)), lr.domains)
         ax.set_xticks(_expert_ticks(lr.n_experts))
         ax.set_title(f"{layer_label(lr.layer, num_hidden_layers)}: I(domain; expert) = {lr.mi_bits:.3f} bits "
@@ -216,7 +220,7 @@ def plot_domain_expert(layers: Sequence[LayerRouting], path: Path, eval_step: in
     note = "" if len(shown) == len(layers) else f" ({len(shown)} of {len(layers)} layers shown)"
     fig.suptitle(f"Domain x expert routing on the held-out set (step {eval_step}){note}\n"
                  f"share of each domain's assignments in % (uniform router: {100 / n_exp:.1f}%)", fontsize=10)
-    fig.colorbar(im, ax=list(axes), label="share of the domain's assignments")
+    fig.colorbar(im, ax=list(axes), label="% of the domain's token-expert assignments")
     return _save(fig, path)
 
 
