@@ -76,7 +76,7 @@ def write_checkpoint(path: Path, cfg, fp8: bool, shard_bytes: int = 200 * 10**6)
     from widemoe.hf.fp8 import quantize
     from widemoe.hf.keymap import slot_to_hf
     from widemoe.hf.loader import model_targets
-    from widemoe.hf.saver import write_safetensors
+    from widemoe.hf.saver import Pending, write_safetensors
     from widemoe.model.transformer import build_model
 
     meta = build_model(cfg, device="meta")
@@ -99,7 +99,7 @@ def write_checkpoint(path: Path, cfg, fp8: bool, shard_bytes: int = 200 * 10**6)
         nonlocal shards, size
         if shards[-1]:
             name = f"part-{len(names) + 1:05d}.safetensors"
-            write_safetensors(path / name, shards[-1], {"format": "pt"})
+            write_safetensors(path / name, [Pending.of(k, t) for k, t in shards[-1]], {"format": "pt"})
             names.append((name, len(shards[-1])))
             index.update({k: name for k, _ in shards[-1]})
         shards = [[]]
@@ -149,17 +149,23 @@ def child(loader: str, path: str) -> None:
         import transformers
 
         transformers.logging.set_verbosity_error()
+    elif loader == "convert":
+        from widemoe.commands.convert import convert
     else:
         from widemoe.hf import load_pretrained
     base = _rss_kb()
     t0 = time.perf_counter()
     if loader == "transformers":
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    elif loader == "convert":  # streaming FP8/bf16 -> bf16 directory conversion; holds no model
+        with tempfile.TemporaryDirectory() as out:
+            convert(Path(path), Path(out), "bf16", max_shard_size="200MB")
+        model = None
     else:
         model = load_pretrained(path, dtype=torch.bfloat16)
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
     print(json.dumps({"seconds": dt, "base_rss_kb": base, "peak_rss_kb": peak, "model_bytes": nbytes}))
 
 
@@ -199,12 +205,12 @@ def main() -> None:
                 flush=True,
             )
             row = {"checkpoint_bytes": ck, "model_bytes": model_bytes}
-            for loader in ("widemoe", "transformers"):
+            for loader in ("widemoe", "transformers", "convert"):
                 runs = [run_child(loader, d) for _ in range(args.repeat)]
                 ok = [r for r in runs if "error" not in r]
                 if not ok:
                     row[loader] = runs[0]
-                    print(f"  {loader:<12} error: {runs[0]['error']}", flush=True)
+                    print(f"  {loader:<13} error: {runs[0]['error']}", flush=True)
                     continue
                 best = min(r["seconds"] for r in ok)
                 peak = max(r["peak_rss_kb"] for r in ok) * 1024
@@ -216,7 +222,7 @@ def main() -> None:
                     "rss_increase_over_model": delta / model_bytes,
                 }
                 print(
-                    f"  {loader:<12} {best:6.2f} s   peak RSS {peak / 1e9:5.2f} GB   increase over imports "
+                    f"  {loader:<13} {best:6.2f} s   peak RSS {peak / 1e9:5.2f} GB   increase over imports "
                     f"{delta / 1e9:5.2f} GB = {delta / model_bytes:4.2f}x model",
                     flush=True,
                 )

@@ -78,10 +78,10 @@ GRANULARITY = {
 
 def model_config(s: Shape) -> ModelConfig:
     # DeepSeek-V3 routing without group limit: sigmoid, selection bias, renormalised weights
-    return ModelConfig(hidden_size=s.d, n_routed_experts=s.E, num_experts_per_tok=s.k, moe_intermediate_size=s.I,
-                       n_shared_experts=s.shared, n_group=1, topk_group=1, scoring_func="sigmoid",
-                       topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=1.0,
-                       num_attention_heads=8)
+    return ModelConfig(hidden_size=s.d, n_routed_experts=s.E, num_experts_per_tok=s.k,
+                       moe_intermediate_size=s.I, n_shared_experts=s.shared, n_group=1, topk_group=1,
+                       scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+                       routed_scaling_factor=1.0, num_attention_heads=8)
 
 
 class DenseSwiGLU(torch.nn.Module):
@@ -111,7 +111,9 @@ def build_hf(s: Shape, moe: MoE):  # noqa: ANN201
     return m
 
 
-def hf_skip_reason(backend: str, s: Shape, T: int, dtype: torch.dtype, mode: str, time_limit: float) -> str | None:
+def hf_skip_reason(
+    backend: str, s: Shape, T: int, dtype: torch.dtype, mode: str, time_limit: float
+) -> str | None:
     esize = torch.empty(0, dtype=dtype).element_size()
     expert_bytes = 3 * s.d * s.I * esize  # one expert's gate, up and down
     if backend == "batched_mm":
@@ -269,19 +271,21 @@ def main(argv: list[str] | None = None) -> int:
                      "fine_tokens_per_s": rs["fine"]["tokens_per_s"]["widemoe"],
                      "coarse_tokens_per_s": rs["coarse"]["tokens_per_s"]["widemoe"],
                      "fine_over_coarse": ratio,
-                     "fine_vs_dense": rs["fine"]["ratio_vs_dense"], "coarse_vs_dense": rs["coarse"]["ratio_vs_dense"]}
+                     "fine_vs_dense": rs["fine"]["ratio_vs_dense"],
+                     "coarse_vs_dense": rs["coarse"]["ratio_vs_dense"]}
                 granularity.append(g)
                 print(f"T={T:<5} {g['dtype']:<8} {mode:<6} E256 {g['fine_tokens_per_s'] / 1e3:.1f}k tok/s  "
                       f"E8 {g['coarse_tokens_per_s'] / 1e3:.1f}k tok/s  E256/E8 = {ratio:.2f}  "
                       f"(vs dense: {g['fine_vs_dense']:.2f} / {g['coarse_vs_dense']:.2f})", flush=True)
 
-    print("\nSummary: widemoe / dense (targets: fwd >= 0.9, fwdbwd >= 0.8 on a, b); widemoe / fastest HF (>= 1)")
+    print("\nSummary: widemoe / dense (targets: fwd >= 0.9, fwdbwd >= 0.8 on a, b); "
+          "widemoe / fastest HF (target >= 1)")
     for r in results:
         hf = f"{r['ratio_vs_fastest_hf']:.2f}" if "ratio_vs_fastest_hf" in r else "-"
-        print(f"  {r['config'][:1]} T={r['T']:<5} {r['dtype']:<8} {r['mode']:<6} dense {r['ratio_vs_dense']:.2f}  "
-              f"hf {hf}")
-    out = {"torch": torch.__version__, "runtime": runtime, "quick": args.quick, "reps": reps, "warmup": warmup,
-           "python": sys.version.split()[0], "seconds": time.perf_counter() - t_start,
+        print(f"  {r['config'][:1]} T={r['T']:<5} {r['dtype']:<8} {r['mode']:<6} "
+              f"dense {r['ratio_vs_dense']:.2f}  hf {hf}")
+    out = {"torch": torch.__version__, "runtime": runtime, "quick": args.quick, "reps": reps,
+           "warmup": warmup, "python": sys.version.split()[0], "seconds": time.perf_counter() - t_start,
            "results": results, "granularity": granularity}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=lambda o: None if isinstance(o, float) and

@@ -1,4 +1,4 @@
-"""Routed-expert dispatch against the plain reference loop: outputs, gradients, degenerate routings, capacity."""
+"""Routed-expert dispatch vs the plain reference loop: outputs, gradients, degenerate routings, capacity."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from widemoe.config import ModelConfig
 from widemoe.model.experts import RoutedExperts, capacity_for, plan_dispatch, reference_moe
 from widemoe.runtime import configure_allocator, configure_cpu_runtime
 
-IMPLS = ["gmm", "loop", "autograd"]
+IMPLS = ["gmm", "loop", "threads", "autograd"]
 
 
 def _experts(E: int, D: int, I: int, k: int, seed: int = 0, dtype=torch.float32) -> RoutedExperts:

@@ -48,10 +48,14 @@ def test_convert_fp8_to_bf16(tmp_path, capsys) -> None:
     dst = tmp_path / "dst"
     assert main(["convert", str(src), str(dst), "--dtype", "bf16"]) == 0
     msg = capsys.readouterr().out
-    assert "FP8-dequantised" in msg and "2 MTP copies verified" in msg
+    assert "FP8-dequantised" in msg and "2 MTP copies verified" in msg and "0 ignored" in msg
     conf = json.loads((dst / "config.json").read_text())
     assert "quantization_config" not in conf and conf["dtype"] == "bfloat16"
     assert (dst / "tokenizer.json").exists() and not (dst / "modeling_evil.py").exists()
+    assert (
+        json.loads((dst / "tokenizer_config.json").read_text())["tokenizer_class"]
+        == "PreTrainedTokenizerFast"
+    )
     header = read_safetensors_header(dst / "model.safetensors")
     assert not any(k.endswith("_scale_inv") for k in header)
     assert header["model.layers.1.mlp.experts.2.down_proj.weight"].dtype == torch.bfloat16
@@ -61,6 +65,10 @@ def test_convert_fp8_to_bf16(tmp_path, capsys) -> None:
     assert torch.equal(load_file(dst / "model.safetensors")[k], want)
     m = load_pretrained(dst)
     assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+    # the streaming converter writes exactly what load_pretrained + save_pretrained would
+    save_pretrained(load_pretrained(src, dtype="bf16"), tmp_path / "ref")
+    got, ref = load_file(dst / "model.safetensors"), load_file(tmp_path / "ref" / "model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
 
 def test_inspect_reports_family_quantisation_and_accounting(tmp_path, capsys) -> None:

@@ -48,9 +48,9 @@ def test_matches_transformers_deepseek_v3_moe():
     with torch.no_grad():
         m.gate.e_score_correction_bias.normal_(std=0.1)
     c = m.config
-    hf_cfg = hf.DeepseekV3Config(hidden_size=64, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
-                                 num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-                                 norm_topk_prob=True)
+    hf_cfg = hf.DeepseekV3Config(hidden_size=64, moe_intermediate_size=32, n_routed_experts=8,
+                                 n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
+                                 routed_scaling_factor=2.5, norm_topk_prob=True)
     ref = hf.DeepseekV3MoE(hf_cfg)
     missing, unexpected = ref.load_state_dict(m.state_dict(), strict=True)
     assert not missing and not unexpected  # same parameter names as transformers v5

@@ -68,7 +68,7 @@ def write_run(run_dir: Path, steps: int = 12, bias: bool = True, evals: bool = T
         (run_dir / "summary.json").write_text(json.dumps({
             "unigram_loss": {"prose": 6.25, "code": 6.5, "math": 6.75},
             "samples": [{"domain": "code", "prompt": "def <f>(x):", "completion": " return x & 1"}],
-            "comparison": {"balance_none": {"heldout_max_vio_mean": 2.5}},
+            "comparison": {"balance_none": {"heldout_max_vio_mean": 2.5}}, "wall_time_s": 361.25,
         }))
     return run_dir
 
@@ -200,7 +200,7 @@ def test_report_html_tables_and_samples(built):
     s = summarise(load_run(run))
     assert f"{s.layers[0].mi_bits:.4f}" in page and "6.7500" in page  # MI of layer 1, math unigram
     assert "def &lt;f&gt;(x):" in page and "return x &amp; 1" in page  # sample, escaped
-    assert "balance_none.heldout_max_vio_mean" in page
+    assert "balance_none.heldout_max_vio_mean" in page and "wall_time_s</td><td class=l>361.2" in page
     assert "<script" not in page and "http" not in page  # self-contained
 
 
@@ -218,7 +218,7 @@ def test_summary_text(built):
     text = summary_text(run)
     assert "I(domain;expert)" in text and "layer 1" in text and "layer 2" in text
     assert "unigram 6.750" in text and "better than unigram" in text and "top-3 share" in text
-    assert "balance_none.heldout_max_vio_mean: 2.5" in text
+    assert "balance_none.heldout_max_vio_mean: 2.5" in text and "summary.json: wall_time_s 361.2" in text
     assert len(text.splitlines()) <= 40 and max(len(line) for line in text.splitlines()) <= 120
 
 
@@ -246,3 +246,24 @@ def test_command_exit_codes(tmp_path, capsys):
     args = _parse(["report", str(write_run(tmp_path / "noeval", evals=False))])
     assert args.func(args) == 2
     assert "no 'eval' record" in capsys.readouterr().err
+
+
+def test_stopped_run_is_flagged_until_resumed(tmp_path):
+    run = write_run(tmp_path / "r", summary=False)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "stopped", "step": 12, "reason": "non-finite loss at step 13"}) + "\n")
+    s = summarise(load_run(run))
+    assert s.stopped == "non-finite loss at step 13"
+    assert "STOPPED: non-finite loss" in summary_text(run)
+    with open(run / "metrics.jsonl", "a") as f:  # a later --resume trained past the stop
+        f.write(json.dumps(_train(13)) + "\n")
+    assert summarise(load_run(run)).stopped is None
+
+
+def test_command_through_the_cli_entry_point(tmp_path, monkeypatch, capsys):
+    from widemoe import cli
+
+    if "report" not in cli.COMMANDS:  # until the lead wires the command in
+        monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "report"))
+    assert cli.main(["report", str(tmp_path / "nothing-here")]) == 2
+    assert "does not exist" in capsys.readouterr().err

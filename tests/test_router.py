@@ -40,7 +40,8 @@ def test_deepseek_v3_parity_with_groups_and_bias():
 
     hf_cfg = m.DeepseekV3Config(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
                                 topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)
-    cfg = _cfg(n_group=4, topk_group=2, routed_scaling_factor=2.5, scoring_func="sigmoid", topk_method="noaux_tc")
+    cfg = _cfg(n_group=4, topk_group=2, routed_scaling_factor=2.5, scoring_func="sigmoid",
+               topk_method="noaux_tc")
     torch.manual_seed(0)
     ours = Router(cfg)
     ours.weight.data.normal_(std=0.3)
@@ -54,8 +55,8 @@ def test_deepseek_v2_parity(method):
 
     hf_cfg = m.DeepseekV2Config(hidden_size=32, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
                                 topk_group=2, routed_scaling_factor=16.0, topk_method=method)
-    cfg = _cfg(n_group=4, topk_group=2, routed_scaling_factor=16.0, scoring_func="softmax", topk_method=method,
-               norm_topk_prob=False)
+    cfg = _cfg(n_group=4, topk_group=2, routed_scaling_factor=16.0, scoring_func="softmax",
+               topk_method=method, norm_topk_prob=False)
     torch.manual_seed(1)
     ours = Router(cfg)
     ours.weight.data.normal_(std=0.3)

@@ -138,7 +138,9 @@ def seq_aux_loss(scores_BTE: torch.Tensor, topk_ids_BTK: torch.Tensor) -> torch.
     return (f_BE * p_BE).sum(-1).mean()
 
 
-def switch_aux_loss(scores_NE: torch.Tensor, topk_ids_NK: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+def switch_aux_loss(
+    scores_NE: torch.Tensor, topk_ids_NK: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
     """Switch-Transformer load-balancing loss E · Σ_i f_i P_i over all tokens.
 
     f_i = share of the N·K assignments that went to expert i; P_i = mean router probability (scores are

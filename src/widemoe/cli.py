@@ -13,7 +13,7 @@ import sys
 from widemoe import __version__
 
 # Subcommands in the order `widemoe --help` lists them.
-COMMANDS = ("train", "generate", "inspect", "convert", "cost")
+COMMANDS = ("train", "generate", "report", "inspect", "convert", "cost")
 
 
 def build_parser() -> argparse.ArgumentParser:

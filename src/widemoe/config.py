@@ -27,6 +27,7 @@ SCORING_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 QK_NORMS = ("none", "head", "full")
 ROPE_TYPES = ("default", "yarn")
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
 
 
 class ConfigError(ValueError):
@@ -95,10 +96,33 @@ class ModelConfig:
     eos_token_id: int | None = 1
     pad_token_id: int | None = None
 
+    # --- DeepSeek-V4 (read only when model_type == "deepseek_v4"; HF DeepseekV4Config names) ----
+    # V4 reuses head_dim (the one shared K=V head and every query head), qk_rope_head_dim (the rope
+    # slice at the END of each head), q_lora_rank, rope_theta ("main" rope) and rope_scaling (YaRN of
+    # the "compress" rope only). shared/reference/deepseek_v4.md documents every field.
+    layer_types: tuple[str, ...] = ()  # per layer, one of V4_LAYER_TYPES; () = HF's default schedule
+    compress_rate_csa: int = 4  # m: CSA window (overlapping windows, lightning indexer)
+    compress_rate_hca: int = 128  # m': HCA window (dense over compressed entries)
+    compress_rope_theta: float = 160000.0  # base of the "compress" rope (CSA/HCA, compressors, indexer)
+    sliding_window: int | None = None  # W: every V4 layer attends to its last W tokens (self included)
+    hc_mult: int = 4  # n residual streams of the manifold-constrained hyper-connections
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    o_groups: int = 8  # g groups of the grouped low-rank output projection
+    o_lora_rank: int = 1024  # per-group width of that projection
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    num_hash_layers: int = 0  # the first layers route by tid2eid[token id] (hash MoE)
+    swiglu_limit: float | None = None  # SwiGLU clamp: gate <= limit, |up| <= limit (routed and shared)
+    index_loss_coef: float = 0.0  # widemoe: weight of the lightning indexer's own KL objective (training)
+
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         if isinstance(self.mlp_only_layers, list):
             object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
         _validate(self)
 
     # --- derived properties --------------------------------------------------------------------
@@ -149,9 +173,24 @@ class ModelConfig:
         _check_known(changes, "replace()")
         return dataclasses.replace(self, **changes)
 
+    @property
+    def is_v4(self) -> bool:
+        return self.model_type == "deepseek_v4"
+
+    @property
+    def v4_layer_types(self) -> tuple[str, ...]:
+        """V4 attention type per layer; an empty `layer_types` means HF's default schedule
+        (HCA, HCA, then CSA on odd / HCA on even indices of the rest)."""
+        if self.layer_types:
+            return self.layer_types
+        n = self.num_hidden_layers
+        rest = [V4_LAYER_TYPES[1] if i % 2 else V4_LAYER_TYPES[2] for i in range(max(n - 2, 0))]
+        return tuple([V4_LAYER_TYPES[2]] * min(n, 2) + rest)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mlp_only_layers"] = list(self.mlp_only_layers)
+        d["layer_types"] = list(self.layer_types)
         return d
 
     @classmethod
@@ -288,6 +327,53 @@ def _validate(c: ModelConfig) -> None:
         v = getattr(c, name)
         need(v is None or (isinstance(v, int) and 0 <= v < c.vocab_size),
              f"{name}={v!r} must be null or a token id in [0, vocab_size={c.vocab_size})")
+    _validate_v4(c)
+
+
+def _validate_v4(c: ModelConfig) -> None:
+    """Rules of the DeepSeek-V4 fields; other families must leave the V4-only switches unset."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    if not c.is_v4:
+        need(not c.layer_types, f"layer_types={list(c.layer_types)} is only read by model_type='deepseek_v4'")
+        need(c.num_hash_layers == 0, f"num_hash_layers={c.num_hash_layers} is only read by "
+             "model_type='deepseek_v4' (hash routing needs the V4 router)")
+        return
+    L = c.num_hidden_layers
+    if c.layer_types:
+        need(len(c.layer_types) == L, f"layer_types has {len(c.layer_types)} entries; the rule is one per "
+             f"layer (num_hidden_layers={L})")
+        bad = sorted({t for t in c.layer_types if t not in V4_LAYER_TYPES})
+        need(not bad, f"layer_types contains {bad}; each entry must be one of {V4_LAYER_TYPES}")
+    need(not c.is_mla, f"kv_lora_rank={c.kv_lora_rank} must be null for deepseek_v4 (one shared K=V head)")
+    need(c.kv_heads == 1, f"num_key_value_heads={c.num_key_value_heads} must be 1 for deepseek_v4")
+    d, r = c.gqa_head_dim, c.qk_rope_head_dim
+    need(r > 0 and r % 2 == 0 and r <= d,
+         f"qk_rope_head_dim={r} must be a positive even number <= head_dim={d} (the rope slice of a head)")
+    need(c.q_lora_rank is not None and c.q_lora_rank > 0,
+         f"q_lora_rank={c.q_lora_rank} must be > 0 for deepseek_v4 (low-rank queries feed the indexer)")
+    need(c.o_groups >= 1 and (c.num_attention_heads * d) % c.o_groups == 0,
+         f"o_groups={c.o_groups} must divide num_attention_heads*head_dim={c.num_attention_heads * d}")
+    for name in ("o_lora_rank", "hc_mult", "hc_sinkhorn_iters", "index_n_heads", "index_topk",
+                 "compress_rate_csa", "compress_rate_hca"):
+        v = getattr(c, name)
+        need(isinstance(v, int) and v >= 1, f"{name}={v!r} must be a positive integer")
+    need(c.sliding_window is not None and c.sliding_window >= 1,
+         f"sliding_window={c.sliding_window!r} must be a positive integer for deepseek_v4 "
+         "(every layer has one)")
+    need(c.index_head_dim >= r and c.index_head_dim % 2 == 0,
+         f"index_head_dim={c.index_head_dim} must be even and >= qk_rope_head_dim={r}")
+    need(0 <= c.num_hash_layers <= L, f"num_hash_layers={c.num_hash_layers} must be in [0, {L}]")
+    need(c.first_k_dense_replace == 0 and not c.mlp_only_layers,
+         "deepseek_v4 has no dense layers: first_k_dense_replace must be 0 and mlp_only_layers empty")
+    need(c.n_shared_experts <= 1, f"n_shared_experts={c.n_shared_experts} must be 0 or 1 for deepseek_v4")
+    need(c.swiglu_limit is None or c.swiglu_limit > 0, f"swiglu_limit={c.swiglu_limit} must be > 0 or null")
+    need(c.hc_eps > 0, f"hc_eps={c.hc_eps} must be > 0")
+    need(c.compress_rope_theta > 0, f"compress_rope_theta={c.compress_rope_theta} must be > 0")
+    need(c.index_loss_coef >= 0 and math.isfinite(c.index_loss_coef),
+         f"index_loss_coef={c.index_loss_coef} must be finite and >= 0")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,6 +479,46 @@ _PRESETS: dict[str, dict[str, Any]] = {
         rope_theta=10000.0, rope_scaling=_yarn(4, 32), rope_interleave=True, max_position_embeddings=128,
         num_nextn_predict_layers=1, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=0,
     ),
+}
+
+# --- DeepSeek-V4 presets (shared/reference/deepseek_v4.md section 1, published config.json values).
+_V4_CSA, _V4_HCA, _V4_SW = V4_LAYER_TYPES[1], V4_LAYER_TYPES[2], V4_LAYER_TYPES[0]
+_DEEPSEEK_V4_FLASH = dict(
+    model_type="deepseek_v4", vocab_size=129280, hidden_size=4096, num_hidden_layers=43,
+    intermediate_size=2048, moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
+    num_experts_per_tok=6, first_k_dense_replace=0, n_group=1, topk_group=1, routed_scaling_factor=1.5,
+    scoring_func="sqrtsoftplus", topk_method="noaux_tc", norm_topk_prob=True, num_attention_heads=64,
+    num_key_value_heads=1, head_dim=512, q_lora_rank=1024, qk_rope_head_dim=64, rope_theta=10000.0,
+    rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32,
+                  "beta_slow": 1},
+    rope_interleave=True, max_position_embeddings=1048576, num_nextn_predict_layers=1, rms_norm_eps=1e-6,
+    bos_token_id=0, eos_token_id=1,
+    # compress_ratios [0,0] + [4,128]*20 + [4]: 2 sliding-only, 21 CSA, 20 HCA
+    layer_types=(_V4_SW, _V4_SW) + (_V4_CSA, _V4_HCA) * 20 + (_V4_CSA,),
+    compress_rate_csa=4, compress_rate_hca=128, compress_rope_theta=160000.0, sliding_window=128,
+    hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, o_groups=8, o_lora_rank=1024, index_n_heads=64,
+    index_head_dim=128, index_topk=512, num_hash_layers=3, swiglu_limit=10.0,
+)
+_PRESETS["deepseek-v4-flash"] = _DEEPSEEK_V4_FLASH
+_PRESETS["deepseek-v4-pro"] = {
+    **_DEEPSEEK_V4_FLASH, "hidden_size": 7168, "num_hidden_layers": 61, "moe_intermediate_size": 3072,
+    "intermediate_size": 3072, "n_routed_experts": 384, "routed_scaling_factor": 2.5,
+    "num_attention_heads": 128,
+    "q_lora_rank": 1536, "o_groups": 16, "index_topk": 1024,
+    # compress_ratios [128,128] + [4,128]*29 + [4]: 31 HCA, 30 CSA, no sliding-only layer
+    "layer_types": (_V4_HCA, _V4_HCA) + (_V4_CSA, _V4_HCA) * 29 + (_V4_CSA,),
+}
+# CPU size with every V4 part: a sliding-only, two CSA and one HCA layer (real rates 4 and 128), one hash
+# layer, four hyper-connection streams, sinks, grouped output projection, the indexer, one MTP block.
+_PRESETS["v4-tiny"] = {
+    **_DEEPSEEK_V4_FLASH, "vocab_size": 4096, "hidden_size": 256, "num_hidden_layers": 4,
+    "intermediate_size": 128, "moe_intermediate_size": 128, "n_routed_experts": 16, "num_experts_per_tok": 4,
+    "num_attention_heads": 4, "head_dim": 64, "q_lora_rank": 64, "qk_rope_head_dim": 16,
+    "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                     "beta_slow": 1},
+    "max_position_embeddings": 16384 + 1024, "layer_types": (_V4_SW, _V4_CSA, _V4_HCA, _V4_CSA),
+    "sliding_window": 64, "o_groups": 2, "o_lora_rank": 64, "index_n_heads": 4, "index_head_dim": 32,
+    "index_topk": 64, "num_hash_layers": 1, "bos_token_id": None, "eos_token_id": 0,
 }
 
 PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)

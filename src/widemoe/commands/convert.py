@@ -6,8 +6,11 @@ and written by ``widemoe.hf.save_pretrained`` with the family's on-disk names, p
 layers, an index when sharded, and no ``quantization_config``. Tokenizer files (data only, never
 code) are copied from SRC.
 
-Memory: the converted model is held once (built empty, filled tensor by tensor), so the machine needs
-about the size of the output plus one tensor.
+Memory: the conversion streams. The books are checked first exactly as ``load_pretrained`` does
+(strict accounting against the model built on ``meta``), then each output tensor is read, dequantised
+and cast on its own and written straight into its shard, so peak memory is about one tensor (plus
+the embedding, held while the MTP copies of it are verified), never the model. A 671B FP8 checkpoint
+converts on a machine with a few GB of RAM.
 """
 
 from __future__ import annotations
@@ -40,9 +43,125 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
+def convert(
+    src: Path,
+    dst: Path,
+    dtype: str = "bf16",
+    *,
+    max_shard_size: int | str = "5GB",
+    ignore: list[str] | tuple[str, ...] = (),
+) -> dict:
+    """Stream-convert HF directory ``src`` into ``dst`` (see the module docstring); returns a summary."""
+    import torch
+
+    from widemoe.hf import fp8 as fp8mod
+    from widemoe.hf.config_map import hf_to_model_config, model_config_to_hf
+    from widemoe.hf.keymap import Slot, redundant_hf_keys, slot_to_hf
+    from widemoe.hf.loader import (
+        LoadError,
+        find_weight_files,
+        layer_index,
+        model_targets,
+        plan_load,
+        read_hf_config,
+        read_tensor,
+        read_tensor_table,
+        resolve_dtype,
+    )
+    from widemoe.hf.saver import Pending, write_metadata, write_sharded, write_tokenizer
+    from widemoe.model.transformer import build_model
+
+    hf = read_hf_config(src)
+    cfg, notices = hf_to_model_config(hf, source=str(src / "config.json"))
+    spec = fp8mod.parse_quantization_config(hf.get("quantization_config"), source=str(src / "config.json"))
+    table = read_tensor_table(src, find_weight_files(src))
+    if cfg.num_nextn_predict_layers and not any(layer_index(k) >= cfg.num_hidden_layers for k in table):
+        notices.append("config declares MTP modules but the checkpoint has none; converted without MTP")
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    dt = resolve_dtype(dtype, hf)
+    meta = build_model(cfg, device="meta").to(dt)  # the router stays fp32, as in a loaded model
+    targets = model_targets(meta)
+    reads, verifies, report = plan_load(
+        cfg,
+        {k: (tuple(v.shape), v.dtype) for k, v in targets.items()},
+        table,
+        fp8=spec,
+        ignore=ignore,
+        path=str(src),
+    )
+    by_slot = {r.slot: r for r in reads}
+    handles: dict[Path, object] = {}
+
+    def fh(p: Path):  # noqa: ANN202 - one open handle per source shard
+        if p not in handles:
+            handles[p] = open(p, "rb", buffering=0)  # noqa: SIM115 - closed in the finally below
+        return handles[p]
+
+    cache: dict[str, torch.Tensor] = {}  # the last whole tensor read (fused experts are sliced from it)
+
+    def produce(slot: Slot, out_dtype: torch.dtype) -> torch.Tensor:
+        r = by_slot.get(slot)
+        if r is None:  # a slice of a whole-tensor read (fused v5 experts) or a zero-filled ignore
+            whole = Slot(slot.target)
+            if whole not in by_slot:
+                return torch.zeros(slot.shape(tuple(targets[slot.target].shape)), dtype=out_dtype)
+            if slot.target not in cache:
+                cache.clear()
+                cache[slot.target] = produce(whole, out_dtype)
+            return slot.view(cache[slot.target])
+        t = read_tensor(r.info, fh(r.info.file))
+        if r.scale is not None:
+            assert spec is not None
+            report.dequantized += 1
+            return fp8mod.dequantize(
+                t, read_tensor(r.scale, fh(r.scale.file)), spec.block, out_dtype=out_dtype
+            )
+        return t.to(out_dtype)
+
+    items: list[Pending] = []
+    for name, t in targets.items():
+        for key, slot in slot_to_hf(name, tuple(t.shape), cfg):
+            items.append(
+                Pending(
+                    key, t.dtype, slot.shape(tuple(t.shape)), lambda slot=slot, d=t.dtype: produce(slot, d)
+                )
+            )
+    copies = redundant_hf_keys(cfg)
+    if copies:  # verify the MTP copies against their main tensors, then write them from the main ones
+        mains = {of: produce(Slot(of), targets[of].dtype) for _, of in copies}
+        bad = [
+            f"{v.info.key}: differs from {v.of} (expected an identical copy)"
+            for v in verifies
+            if not torch.equal(read_tensor(v.info, fh(v.info.file)).to(mains[v.of].dtype), mains[v.of])
+        ]
+        if bad:
+            raise LoadError(str(src), [], [], [], bad)
+        report.verified_copies = [v.info.key for v in verifies]
+        items += [Pending.of(key, mains[of]) for key, of in copies]
+    try:
+        shards = write_sharded(dst, items, max_shard_size)
+    finally:
+        for h in handles.values():
+            h.close()
+    write_metadata(dst, model_config_to_hf(cfg, dtype=str(dt).replace("torch.", "")), cfg)
+    write_tokenizer(src, dst, cfg)
+    n_params = sum(t.numel() for t in targets.values() if t.dtype.is_floating_point)
+    return {
+        "family": cfg.model_type,
+        "notices": notices,
+        "params": n_params,
+        "tensors": len(items),
+        "dequantized": report.dequantized,
+        "scales": report.scales,
+        "shards": shards,
+        "verified_copies": len(report.verified_copies),
+        "ignored": len(report.ignored),
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     from widemoe.config import ConfigError
-    from widemoe.hf import LoadError, PickleCheckpointError, load_pretrained, save_pretrained
+    from widemoe.hf import LoadError, PickleCheckpointError
 
     src, dst = Path(args.src), Path(args.dst)
     if dst.resolve() == src.resolve():
@@ -50,21 +169,17 @@ def run(args: argparse.Namespace) -> int:
         return 2
     t0 = time.perf_counter()
     try:
-        model = load_pretrained(src, dtype=args.dtype, ignore=args.ignore)
+        info = convert(src, dst, args.dtype, max_shard_size=args.max_shard_size, ignore=args.ignore)
     except (LoadError, PickleCheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    rep = model.load_report
-    t1 = time.perf_counter()
-    save_pretrained(model, dst, max_shard_size=args.max_shard_size, tokenizer=src)
-    t2 = time.perf_counter()
-    for n in rep.notices:
+    for n in info["notices"]:
         print(f"note: {n}")
-    n_params = sum(p.numel() for p in model.parameters())
     print(
-        f"{src} -> {dst}: {rep.family}, {n_params / 1e6:.2f}M parameters as {args.dtype}; "
-        f"{rep.tensors_read} tensors read ({rep.dequantized} FP8-dequantised, {rep.scales} scales), "
-        f"{len(rep.verified_copies)} MTP copies verified, {len(rep.ignored)} ignored; "
-        f"load {t1 - t0:.1f}s, save {t2 - t1:.1f}s"
+        f"{src} -> {dst}: {info['family']}, {info['params'] / 1e6:.2f}M parameters as {args.dtype} in "
+        f"{info['shards']} shard(s); {info['tensors']} tensors written "
+        f"({info['dequantized']} FP8-dequantised, "
+        f"{info['scales']} scales consumed), {info['verified_copies']} MTP copies verified, "
+        f"{info['ignored']} ignored; {time.perf_counter() - t0:.1f}s"
     )
     return 0

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -68,15 +69,34 @@ def scale_to_fp32(scale: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.float32)
 
 
+def fp8_to(w_q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Exact e4m3 -> ``dtype`` conversion through a 256-entry table (numpy ``take`` on the raw bytes),
+    about twice as fast on CPU as ``Tensor.to``, whose float8 path is scalar."""
+    if w_q.dtype != torch.float8_e4m3fn or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return w_q.to(dtype)
+    lut = _LUTS.get(dtype)
+    if lut is None:
+        vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(dtype)
+        lut = _LUTS[dtype] = vals.numpy() if dtype == torch.float32 else vals.view(torch.int16).numpy()
+    out = torch.from_numpy(np.take(lut, w_q.contiguous().view(torch.uint8).numpy()))
+    return out if dtype == torch.float32 else out.view(dtype)
+
+
+_LUTS: dict[torch.dtype, np.ndarray] = {}
+
+
 def dequantize(
     w_q: torch.Tensor,
     scale_inv: torch.Tensor,
     block: tuple[int, int] = (128, 128),
     out_dtype: torch.dtype = torch.bfloat16,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``w_q * scale_inv`` block-wise, partial edge blocks included; returns ``out_dtype``.
+    """``w_q * scale_inv`` block-wise, partial edge blocks included, as ``out_dtype`` (or into ``out``).
 
-    Works one row-block at a time so the only temporary beyond the fp32 result is one row of scales.
+    The FP8 values are converted exactly to fp32 (table lookup), each row-block is multiplied in
+    place by its row of scales, and the result is rounded once into ``out_dtype``: it equals
+    ``(float(w_q) * S).to(out_dtype)``. The only temporary is the fp32 copy of this one weight.
     """
     want = scale_grid_shape(tuple(w_q.shape), block)
     if tuple(scale_inv.shape) != want:
@@ -85,14 +105,32 @@ def dequantize(
             f"{list(w_q.shape)} with block {list(block)} (expected {list(want)})"
         )
     s = scale_to_fp32(scale_inv)
-    M, N = w_q.shape[-2], w_q.shape[-1]
-    bm, bn = block
-    w = w_q.to(torch.float32)
-    for i in range(want[-2]):
-        r0, r1 = i * bm, min((i + 1) * bm, M)
-        row_scale = s[..., i, :].repeat_interleave(bn, dim=-1)[..., :N]  # [..., N]
-        w[..., r0:r1, :].mul_(row_scale.unsqueeze(-2))
+    w = fp8_to(w_q, torch.float32)  # exact; fp32 multiplies vectorise, mixed-dtype in-place ones do not
+    _scale_blocks_(w, s, block)
+    if out is not None:
+        return out.copy_(w)
     return w.to(out_dtype)
+
+
+def _scale_blocks_(w: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> None:
+    """``w[..., i, j] *= s[..., i // bm, j // bn]`` in place, in at most four broadcast multiplies.
+
+    The full blocks are one 4-D view (rows split into (grid, bm), columns into (grid, bn)); the
+    partial last row-block, last column-block and corner each take one more multiply. Few large ops,
+    not one per block: small OpenMP regions are slow on a busy CPU.
+    """
+    M, N = w.shape[-2], w.shape[-1]
+    bm, bn = block
+    gm, gn = M // bm, N // bn  # full blocks
+    Mf, Nf = gm * bm, gn * bn
+    if gm and gn:
+        w[..., :Mf, :Nf].unflatten(-1, (gn, bn)).unflatten(-3, (gm, bm)).mul_(s[..., :gm, None, :gn, None])
+    if gm and Nf < N:  # right edge: partial columns of full row-blocks
+        w[..., :Mf, Nf:].unflatten(-2, (gm, bm)).mul_(s[..., :gm, None, gn : gn + 1])
+    if Mf < M and gn:  # bottom edge: partial rows of full column-blocks
+        w[..., Mf:, :Nf].unflatten(-1, (gn, bn)).mul_(s[..., gm : gm + 1, :gn, None])
+    if Mf < M and Nf < N:  # corner
+        w[..., Mf:, Nf:].mul_(s[..., gm : gm + 1, gn : gn + 1])
 
 
 def quantize(

@@ -300,7 +300,8 @@ def plan_load(
             if ignored(key):
                 report.ignored.append(key)
             else:
-                unexpected.append(key + (f" (-> {dest.target}, not a model parameter)" if dest else ""))
+                renamed = dest is not None and dest.target != key
+                unexpected.append(key + (f" (-> {dest.target}, not a model parameter)" if renamed else ""))
             continue
         if dest.expert is not None and dest.expert >= shapes[dest.target][0]:
             if ignored(key):
@@ -379,16 +380,6 @@ def _group_by_file(items: Iterable[Any]) -> Iterator[tuple[Path, list[Any]]]:
         yield f, sorted(by[f], key=lambda it: it.info.start)
 
 
-def _materialise(
-    info: TensorInfo, scale: TensorInfo | None, fh: Any, fp8: fp8mod.Fp8Spec | None, dtype: torch.dtype
-) -> torch.Tensor:
-    t = read_tensor(info, fh)
-    if scale is not None:
-        assert fp8 is not None
-        return fp8mod.dequantize(t, read_tensor(scale, fh), fp8.block, out_dtype=dtype)
-    return t
-
-
 @torch.no_grad()
 def execute_load(
     targets: dict[str, torch.Tensor],
@@ -413,9 +404,13 @@ def execute_load(
                     and dst.device.type == "cpu"
                 ):
                     read_into(r.info, dst, fh)
+                elif r.scale is not None:
+                    assert fp8 is not None
+                    w_q, s = read_tensor(r.info, fh), read_tensor(r.scale, fh)
+                    fp8mod.dequantize(w_q, s, fp8.block, out=dst)
+                    report.dequantized += 1
                 else:
-                    dst.copy_(_materialise(r.info, r.scale, fh, fp8, dst.dtype))
-                    report.dequantized += r.scale is not None
+                    dst.copy_(read_tensor(r.info, fh))
                 report.tensors_read += 1
                 report.bytes_read += (
                     r.info.end - r.info.start + (r.scale.end - r.scale.start if r.scale else 0)
@@ -477,7 +472,7 @@ def load_into(
     return execute_load(targets, reads, verifies, report, fp8=fp8)
 
 
-def _layer_index(key: str) -> int:
+def layer_index(key: str) -> int:
     m = re.match(r"^model\.layers\.(\d+)\.", key)
     return int(m[1]) if m else -1
 
@@ -573,7 +568,7 @@ def load_pretrained(
     fp8mod.parse_quantization_config(hf.get("quantization_config"), source=str(path / "config.json"))
     table = read_tensor_table(path, find_weight_files(path))
     L = cfg.num_hidden_layers
-    if cfg.num_nextn_predict_layers and not any(_layer_index(k) >= L for k in table):
+    if cfg.num_nextn_predict_layers and not any(layer_index(k) >= L for k in table):
         # transformers' save_pretrained drops DeepSeek MTP layers (it has no MTP module): load the main
         # model and say so once, rather than failing on a checkpoint that never had them.
         notices.append(

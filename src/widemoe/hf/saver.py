@@ -19,9 +19,12 @@ The safetensors writer is local: it streams one tensor at a time from the model'
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,26 +86,88 @@ def hf_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def write_safetensors(path: Path, tensors: list[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
-    """Stream ``tensors`` into one safetensors file (written as ``path.tmp``, then renamed)."""
+@dataclass(frozen=True)
+class Pending:
+    """A tensor to write: its header entry up front, its bytes produced only when written."""
+
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    @classmethod
+    def of(cls, key: str, t: torch.Tensor) -> Pending:
+        return cls(key, t.dtype, tuple(t.shape), lambda: t)
+
+
+def write_safetensors(path: Path, items: list[Pending], metadata: dict[str, str]) -> None:
+    """Stream ``items`` into one safetensors file (written as ``path.tmp``, then renamed).
+
+    The header is built from the declared dtypes/shapes, then each tensor is produced and written in
+    turn, so at most one produced tensor is alive at a time.
+    """
     header: dict[str, Any] = {"__metadata__": metadata}
     off = 0
-    for key, t in tensors:
-        if t.dtype not in _ST_NAMES:
-            raise ValueError(f"{key}: dtype {t.dtype} cannot be stored in safetensors")
-        n = t.numel() * t.element_size()
-        header[key] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + n]}
-        off += n
+    for it in items:
+        if it.dtype not in _ST_NAMES:
+            raise ValueError(f"{it.key}: dtype {it.dtype} cannot be stored in safetensors")
+        header[it.key] = {
+            "dtype": _ST_NAMES[it.dtype],
+            "shape": list(it.shape),
+            "data_offsets": [off, off + it.nbytes],
+        }
+        off += it.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for _, t in tensors:
-            t = t.to("cpu").contiguous()
+        for it in items:
+            t = it.make().detach().to("cpu").contiguous()
+            if t.dtype != it.dtype or tuple(t.shape) != it.shape:
+                raise ValueError(
+                    f"{it.key}: produced {t.dtype} {list(t.shape)}, declared {it.dtype} {list(it.shape)}"
+                )
             f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     os.replace(tmp, path)
+
+
+def write_sharded(path: Path, items: list[Pending], max_shard_size: int | str) -> int:
+    """Write ``items`` as model.safetensors, or shards + model.safetensors.index.json; returns the count."""
+    path.mkdir(parents=True, exist_ok=True)
+    for old in path.iterdir():  # stale shards of an earlier save would confuse readers
+        if _OUR_FILES.match(old.name):
+            old.unlink()
+    limit = parse_size(max_shard_size)
+    shards: list[list[Pending]] = [[]]
+    size = 0
+    for it in items:
+        if shards[-1] and size + it.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(it)
+        size += it.nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        write_safetensors(path / "model.safetensors", shards[0], meta)
+        return 1
+    N = len(shards)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{N:05d}.safetensors"
+        write_safetensors(path / name, shard, meta)
+        weight_map.update({it.key: name for it in shard})
+    index = {
+        "metadata": {"total_size": sum(it.nbytes for it in items)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return N
 
 
 def _dtype_name(model: nn.Module) -> str:
@@ -117,39 +182,22 @@ def save_pretrained(
     cfg = model.config  # type: ignore[attr-defined]
     path = Path(path)
     hf = model_config_to_hf(cfg, dtype=_dtype_name(model))  # raises before anything is written
+    write_sharded(path, [Pending.of(k, t) for k, t in hf_tensors(model)], max_shard_size)
+    write_metadata(path, hf, cfg)
+    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tok is not None:
+        write_tokenizer(tok, path, cfg)
+    return path
+
+
+def write_metadata(path: Path, hf: dict[str, Any], cfg: Any) -> None:
+    """config.json (plus the legacy rope keys) and generation_config.json."""
     # legacy keys too: transformers 4.x, vLLM and DeepSeek's own scripts read rope_theta/rope_scaling
-    hf["rope_theta"] = cfg.rope_theta
-    hf["rope_scaling"] = dict(cfg.rope_scaling) if cfg.rope_scaling else None
-    path.mkdir(parents=True, exist_ok=True)
-    for old in path.iterdir():  # stale shards of an earlier save would confuse readers
-        if _OUR_FILES.match(old.name):
-            old.unlink()
-
-    limit = parse_size(max_shard_size)
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    total = 0
-    for key, t in hf_tensors(model):
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append((key, t))
-        size += n
-        total += n
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        write_safetensors(path / "model.safetensors", shards[0], meta)
-    else:
-        N = len(shards)
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            name = f"model-{i:05d}-of-{N:05d}.safetensors"
-            write_safetensors(path / name, shard, meta)
-            weight_map.update({k: name for k, _ in shard})
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
+    hf = {
+        **hf,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
+    }
     (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     gen = {
         k: getattr(cfg, k)
@@ -157,10 +205,6 @@ def save_pretrained(
         if getattr(cfg, k) is not None
     }
     (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
-    if tok is not None:
-        write_tokenizer(tok, path, cfg)
-    return path
 
 
 def write_tokenizer(tok: Any, path: Path, cfg: Any) -> None:
@@ -198,4 +242,13 @@ def _write_tokenizer_config(path: Path, cfg: Any, tok: Any) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(conf, indent=2) + "\n")
 
 
-__all__ = ["TOKENIZER_FILES", "hf_tensors", "parse_size", "save_pretrained", "write_safetensors"]
+__all__ = [
+    "Pending",
+    "TOKENIZER_FILES",
+    "hf_tensors",
+    "parse_size",
+    "save_pretrained",
+    "write_metadata",
+    "write_safetensors",
+    "write_sharded",
+]

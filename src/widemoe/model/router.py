@@ -84,7 +84,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_size, dtype=torch.float32))
         if config.uses_selection_bias:
             # Persistent: it is the checkpoint's `mlp.gate.e_score_correction_bias`.
-            self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+            bias = torch.zeros(self.num_experts, dtype=torch.float32)
+            self.register_buffer("e_score_correction_bias", bias)
         else:
             self.e_score_correction_bias = None
         self.reset_parameters()
@@ -125,7 +126,8 @@ class Router(nn.Module):
         return RouterOutput(logits_NE, scores_NE, ids_NK, w_NK)
 
     def extra_repr(self) -> str:
-        return (f"E={self.num_experts}, k={self.top_k}, scoring={self.scoring_func}, method={self.topk_method}, "
+        return (f"E={self.num_experts}, k={self.top_k}, scoring={self.scoring_func}, "
+                f"method={self.topk_method}, "
                 f"groups={self.topk_group}/{self.n_group}, norm={self.norm_topk_prob}, "
                 f"scale={self.routed_scaling_factor}")
 

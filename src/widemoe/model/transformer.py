@@ -24,12 +24,13 @@ from torch import nn
 from widemoe.cache import KVCache, LayerCache
 from widemoe.config import ModelConfig
 from widemoe.model.attention import build_attention
+from widemoe.model.deepseek_v4 import V4Model
 from widemoe.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from widemoe.model.moe import MoE, RoutingInfo
 
 IGNORE_INDEX = -100
 AUX_LOSS_COEF_FIELDS = {"seq_aux": "aux_loss_alpha", "switch_aux": "router_aux_loss_coef",
-                        "z_loss": "router_z_loss_coef"}
+                        "z_loss": "router_z_loss_coef", "index_kl": "index_loss_coef"}
 
 
 @dataclass
@@ -150,12 +151,20 @@ class WideMoeModel(nn.Module):
             cache.advance(T)
         return x, routing, (cos, sin), mask_BTS
 
+    def final_norm(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        return self.norm(h_BTD)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.num_hidden_layers)
+
 
 class WideMoeForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = WideMoeModel(config)
+        # DeepSeek-V4 (hyper-connections, compressed attention) has its own model body with the same
+        # interface (widemoe.model.deepseek_v4); the head, losses and generation are shared.
+        self.model = V4Model(config) if config.is_v4 else WideMoeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -180,6 +189,9 @@ class WideMoeForCausalLM(nn.Module):
             # Balancing state starts neutral: zero selection bias, zero load counts.
             if not buf.is_meta and name.rsplit(".", 1)[-1] in ("e_score_correction_bias", "tokens_per_expert"):
                 buf.zero_()
+        extra = getattr(self.model, "reset_extra_parameters", None)
+        if extra is not None:
+            extra()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -188,7 +200,7 @@ class WideMoeForCausalLM(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_hidden_layers)
+        return self.model.new_cache()
 
     # --- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -196,7 +208,7 @@ class WideMoeForCausalLM(nn.Module):
                 cache: KVCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
         """`labels[b, i]` is the token that follows `input_ids[b, i]` (already shifted), IGNORE_INDEX to skip."""
         h, routing, (cos, sin), mask = self.model(input_ids, attention_mask, position_ids, cache)
-        hidden = self.model.norm(h)
+        hidden = self.model.final_norm(h)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)

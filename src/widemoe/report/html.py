@@ -23,6 +23,7 @@ from widemoe.report import plots
 from widemoe.report.analysis import TOP_N, RunData, RunSummary, load_run, summarise
 
 MAX_TEXT_LAYERS = 8  # layers listed in summary_text (one screen); the HTML lists them all
+KNOWN_SUMMARY_KEYS = ("unigram_loss", "samples", "comparison")  # other summary.json keys show as-is
 
 
 @dataclass
@@ -117,7 +118,15 @@ def _summary_text(s: RunSummary, extra: dict[str, Any]) -> str:
     if comparison:
         lines.append("comparison:")
         lines += [f"  {k}: {v}" for k, v in _flatten(comparison)[:8]]
+    other = _other_summary_rows(extra)
+    if other:
+        lines.append("summary.json: " + ", ".join(f"{k} {v}" for k, v in other[:4]))
     return "\n".join(lines)
+
+
+def _other_summary_rows(extra: dict[str, Any]) -> list[tuple[str, str]]:
+    """summary.json entries the report has no section for (e.g. the demo's wall_time_s), flattened."""
+    return _flatten({k: v for k, v in extra.items() if k not in KNOWN_SUMMARY_KEYS}) if extra else []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +181,8 @@ def render_html(s: RunSummary, run: RunData, figures: dict[str, Path], embed: bo
             ["final train LM loss (last batch)",
              "n/a" if s.final_train_loss is None else f"{s.final_train_loss:.4f}"],
             ["held-out MaxVio, mean over layers", f"{s.heldout_max_vio_mean:.4f}"],
-            ["dead experts (held-out, all layers)", str(s.dead_experts)]]
+            ["dead experts (held-out, all layers)", str(s.dead_experts)],
+            *[[e(k), e(v)] for k, v in _other_summary_rows(run.summary)]]
     parts.append(_table(["", "value"], rows, left=2))
 
     parts.append(f"<h2>Held-out loss per domain (step {s.eval_step})</h2>")

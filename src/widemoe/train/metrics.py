@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from widemoe.config import ModelConfig
 
 
@@ -48,8 +46,11 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024, min_time: float = 0.2) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype` on this machine (best of a few timed repetitions)."""
+def measure_matmul_peak(dtype=None, n: int = 1024, min_time: float = 0.2) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` (default fp32) on this machine (best of a few repetitions)."""
+    import torch  # deferred: `widemoe report` reads metrics without needing torch
+
+    dtype = dtype or torch.float32
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
     torch.mm(a, b)  # warm-up

@@ -1,0 +1,319 @@
+"""DeepSeek-V4: manifold-constrained hyper-connections, the V4 MoE (sqrt-softplus and hash routing,
+SwiGLU clamp), the V4 decoder layer and model, and the MTP block as real checkpoints lay it out.
+
+Parity reference: transformers 5.24 `models/deepseek_v4` (`DeepseekV4HyperConnection`,
+`DeepseekV4HyperHead`, `DeepseekV4TopKRouter`, `DeepseekV4HashRouter`, `DeepseekV4MLP`,
+`DeepseekV4DecoderLayer`, `DeepseekV4Model`), summarised in shared/reference/deepseek_v4.md; the
+attention lives in `widemoe.model.v4_attention`, the cache in `widemoe.model.v4_cache`. Parameter
+names are transformers' in-memory names (``model.layers.N.attn_hc.fn``, ``...self_attn.compressor...``,
+``model.hc_head.hc_fn``), so transformers' state_dict loads as is.
+
+It plugs into the decoder skeleton of `widemoe.model.transformer`: `WideMoeForCausalLM` builds a
+`V4Model` instead of a `WideMoeModel` for ``model_type == "deepseek_v4"``; both return
+``(h, routing, rope_context, mask)`` and offer ``final_norm(h)``, ``new_cache()`` and MTP modules with the
+same call signature, so the LM head, losses, MTP loss and `generate` are shared.
+
+Hyper-connections (mHC; all in fp32): the residual is ``hc_mult`` streams ``[B, T, n, D]``. Per sublayer,
+from ``UnweightedRMSNorm(flatten(X)) @ fn.T``: pre = σ(·)+eps collapses the streams into the sublayer
+input, post = 2σ(·) expands its output, and the mixing matrix M = Sinkhorn(softmax(·)) (rows, then
+columns, ``hc_sinkhorn_iters`` times) is applied TRANSPOSED: X' = post ⊗ y + Mᵀ X.
+
+Hash routing: the first ``num_hash_layers`` layers choose experts ``tid2eid[token_id]`` (a persistent
+``[V, K]`` buffer); the weights still come from the learned gate (sqrt-softplus, renormalised, scaled).
+For training from scratch `balanced_tid2eid` builds the table deterministically: token t gets experts
+``(t·K + j) mod E`` for j < K, i.e. the vocabulary is dealt round-robin, so the K experts of a token
+are distinct, every expert serves ⌊VK/E⌋ or ⌈VK/E⌉ token ids, and ids adjacent in the tokenizer's
+merge order (which have similar frequencies) land on different experts.
+
+Shapes: B batch, T tokens, n streams, D hidden, N = B·T, E experts, K experts per token, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from widemoe.config import ModelConfig
+from widemoe.model.layers import RMSNorm
+from widemoe.model.moe import MoE, RoutingInfo
+from widemoe.model.router import RouterOutput
+from widemoe.model.v4_attention import V4Attention, V4Context, unweighted_rms, v4_inv_freq
+from widemoe.model.v4_cache import V4Cache, V4LayerCache
+
+# ------------------------------------------------------------------------------------------------
+# Hyper-connections
+
+
+class HyperConnection(nn.Module):
+    """One mHC site: ``forward(X) -> (post [B,T,n], comb [B,T,n,n], collapsed [B,T,D])``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        n = config.hc_mult
+        self.n, self.iters = n, config.hc_sinkhorn_iters
+        self.hc_eps, self.norm_eps = config.hc_eps, config.rms_norm_eps
+        self.fn = nn.Parameter(torch.zeros((2 + n) * n, n * config.hidden_size, dtype=torch.float32))
+        self.base = nn.Parameter(torch.zeros((2 + n) * n, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.ones(3, dtype=torch.float32))
+
+    def forward(self, X_BTnD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, n, _ = X_BTnD.shape
+        flat = unweighted_rms(X_BTnD.reshape(B, T, -1).float(), self.norm_eps)
+        mix = F.linear(flat, self.fn.float())
+        pre_w, post_w, comb_w = mix.split([n, n, n * n], dim=-1)
+        pre_b, post_b, comb_b = self.base.float().split([n, n, n * n])
+        s_pre, s_post, s_comb = self.scale.float().unbind(0)
+        pre = torch.sigmoid(pre_w * s_pre + pre_b) + self.hc_eps
+        post = 2 * torch.sigmoid(post_w * s_post + post_b)
+        comb = torch.softmax(comb_w.view(B, T, n, n) * s_comb + comb_b.view(n, n), dim=-1) + self.hc_eps
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
+        for _ in range(self.iters - 1):  # Sinkhorn-Knopp towards a doubly stochastic matrix
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + self.hc_eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
+        collapsed = (pre.unsqueeze(-1) * X_BTnD).sum(dim=2).to(X_BTnD.dtype)
+        return post, comb, collapsed
+
+
+def hc_expand(X_BTnD: torch.Tensor, y_BTD: torch.Tensor, post: torch.Tensor,
+              comb: torch.Tensor) -> torch.Tensor:
+    """X' = post ⊗ y + Mᵀ X (M is not symmetric: stream i receives Σ_j M[j, i] X_j)."""
+    dt = X_BTnD.dtype
+    mixed = torch.matmul(comb.to(dt).transpose(-1, -2), X_BTnD)
+    return post.to(dt).unsqueeze(-1) * y_BTD.unsqueeze(-2) + mixed
+
+
+class HyperHead(nn.Module):
+    """Final collapse of the streams before the last norm (no Sinkhorn)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        n = config.hc_mult
+        self.hc_eps, self.norm_eps = config.hc_eps, config.rms_norm_eps
+        self.hc_fn = nn.Parameter(torch.zeros(n, n * config.hidden_size, dtype=torch.float32))
+        self.hc_base = nn.Parameter(torch.zeros(n, dtype=torch.float32))
+        self.hc_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
+
+    def forward(self, X_BTnD: torch.Tensor) -> torch.Tensor:
+        flat = unweighted_rms(X_BTnD.flatten(2).float(), self.norm_eps)
+        mix = F.linear(flat, self.hc_fn.float())
+        pre = torch.sigmoid(mix * self.hc_scale.float() + self.hc_base.float()) + self.hc_eps
+        return (pre.unsqueeze(-1) * X_BTnD).sum(dim=2).to(X_BTnD.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# MoE
+
+
+def balanced_tid2eid(vocab_size: int, num_experts: int, k: int) -> torch.Tensor:
+    """Deterministic, balanced hash table ``[V, K]`` int64: token t -> experts (t·K + j) mod E."""
+    if k > num_experts:
+        raise ValueError(f"balanced_tid2eid: num_experts_per_tok={k} exceeds n_routed_experts={num_experts}")
+    t = torch.arange(vocab_size, dtype=torch.int64)[:, None]
+    return (t * k + torch.arange(k, dtype=torch.int64)[None, :]) % num_experts
+
+
+class V4Router(nn.Module):
+    """sqrt-softplus scores; selection by top-k of (scores + bias), or by ``tid2eid[token]`` in hash
+    layers; weights = the selected unbiased scores, renormalised, × routed_scaling_factor (all fp32)."""
+
+    def __init__(self, config: ModelConfig, hash_layer: bool) -> None:
+        super().__init__()
+        E, K = config.n_routed_experts, config.num_experts_per_tok
+        self.num_experts, self.top_k, self.hash_layer = E, K, hash_layer
+        self.scoring_func = config.scoring_func
+        self.routed_scaling_factor = float(config.routed_scaling_factor)
+        self.weight = nn.Parameter(torch.zeros(E, config.hidden_size, dtype=torch.float32))
+        if hash_layer:
+            self.register_buffer("tid2eid", balanced_tid2eid(config.vocab_size, E, K))
+            self.e_score_correction_bias = None
+        else:
+            self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature of nn.Module._apply
+        super()._apply(fn, recurse)  # router numerics are fp32 (docs/internals.md), also in a bf16 model
+        if self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.float()
+        b = self.e_score_correction_bias
+        if b is not None and b.dtype != torch.float32:
+            self.e_score_correction_bias = b.float()
+        return self
+
+    def forward(self, x_ND: torch.Tensor, token_ids_N: torch.Tensor | None = None) -> RouterOutput:
+        logits = F.linear(x_ND.float(), self.weight.float())
+        if self.scoring_func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        elif self.scoring_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        if self.hash_layer:
+            if token_ids_N is None:
+                raise ValueError("V4 hash-routed layer needs the token ids (token_ids_BT); the rule is "
+                                 "experts = tid2eid[token id] in the first num_hash_layers layers")
+            ids = self.tid2eid[token_ids_N.reshape(-1)].long()
+        else:
+            with torch.no_grad():
+                ids = torch.topk(scores.detach() + self.e_score_correction_bias, self.top_k, dim=-1,
+                                 sorted=False).indices
+        w = scores.gather(1, ids)
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * self.routed_scaling_factor
+        return RouterOutput(logits, scores, ids, w)
+
+
+class ClampedSwiGLU(nn.Module):
+    """Shared expert: ``down(silu(min(gate, L)) * clamp(up, -L, L))``; no clamp when L is None."""
+
+    def __init__(self, hidden: int, width: int, limit: float | None) -> None:
+        super().__init__()
+        self.limit = limit
+        self.gate_proj = nn.Linear(hidden, width, bias=False)
+        self.up_proj = nn.Linear(hidden, width, bias=False)
+        self.down_proj = nn.Linear(width, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if self.limit is not None:
+            g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
+        return self.down_proj(F.silu(g) * u)
+
+
+class V4MoE(MoE):
+    """The widemoe MoE block (dispatch, statistics, aux losses) with the V4 router and shared expert."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
+        self.gate = V4Router(config, hash_layer=layer_idx < config.num_hash_layers)
+        width = config.n_shared_experts * config.moe_intermediate_size
+        self.shared_experts = (ClampedSwiGLU(config.hidden_size, width, config.swiglu_limit)
+                               if width > 0 else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers and model
+
+
+class V4DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.attn_hc = HyperConnection(config)
+        self.ffn_hc = HyperConnection(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = V4Attention(config, layer_idx)
+        self.mlp = V4MoE(config, layer_idx)
+
+    def forward(self, X_BTnD: torch.Tensor, ctx: V4Context, cache: V4LayerCache | None = None,
+                token_ids_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingInfo]:
+        post, comb, h = self.attn_hc(X_BTnD)
+        X_BTnD = hc_expand(X_BTnD, self.self_attn(self.input_layernorm(h), ctx, cache), post, comb)
+        post, comb, h = self.ffn_hc(X_BTnD)
+        y, info = self.mlp(self.post_attention_layernorm(h), token_ids_BT)
+        if self.self_attn.last_index_loss is not None:
+            info.aux["index_kl"] = self.self_attn.last_index_loss
+        return hc_expand(X_BTnD, y, post, comb), info
+
+
+class V4MTP(nn.Module):
+    """MTP block as checkpoints lay it out (``mtp.0.*``): h = e_proj(enorm(emb)) + h_proj(hnorm(X)) per
+    stream, one sliding-only decoder layer with a learned router, its own hc_head and norm. Same call
+    signature as `widemoe.model.transformer.MTPModule` (``cos`` carries the V4 context)."""
+
+    def __init__(self, config: ModelConfig, depth: int) -> None:
+        super().__init__()
+        D = config.hidden_size
+        self.enorm = RMSNorm(D, config.rms_norm_eps)
+        self.hnorm = RMSNorm(D, config.rms_norm_eps)
+        self.e_proj = nn.Linear(D, D, bias=False)
+        self.h_proj = nn.Linear(D, D, bias=False)
+        self.block = V4DecoderLayer(config, config.num_hidden_layers + depth)
+        self.hc_head = HyperHead(config)
+        self.norm = RMSNorm(D, config.rms_norm_eps)
+
+    def shared_head_norm(self, X_BTnD: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.hc_head(X_BTnD))
+
+    def forward(self, h_prev: torch.Tensor, emb_BTD: torch.Tensor, ctx: V4Context, _sin: object,
+                _mask: object, token_ids_BT: torch.Tensor | None) -> tuple[torch.Tensor, RoutingInfo]:
+        X = self.e_proj(self.enorm(emb_BTD)).unsqueeze(2) + self.h_proj(self.hnorm(h_prev))
+        return self.block(X, ctx, None, token_ids_BT)
+
+
+class V4Model(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(V4DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hc_head = HyperHead(config)
+        self.mtp = nn.ModuleList(V4MTP(config, k) for k in range(config.num_nextn_predict_layers))
+        self.register_buffer("main_inv_freq", v4_inv_freq(config, "main"), persistent=False)
+        self.register_buffer("compress_inv_freq", v4_inv_freq(config, "compress"), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature of nn.Module._apply
+        super()._apply(fn, recurse)
+        for kind in ("main", "compress"):  # rope tables stay fp32 through model.to(bf16)
+            buf = getattr(self, f"{kind}_inv_freq")
+            if buf.dtype != torch.float32:
+                setattr(self, f"{kind}_inv_freq", v4_inv_freq(self.config, kind).to(buf.device))
+        return self
+
+    @torch.no_grad()
+    def reset_extra_parameters(self) -> None:
+        """transformers' V4 init for what the generic init gets wrong: sinks, position biases and mHC
+        bases start at 0, mHC scales at 1; hash tables get the balanced deterministic table."""
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("sinks", "position_bias", "base", "hc_base"):
+                p.zero_()
+            elif leaf in ("scale", "hc_scale"):
+                p.fill_(1.0)
+        c = self.config
+        for m in self.modules():
+            if isinstance(m, V4Router) and m.hash_layer:
+                m.tid2eid.copy_(balanced_tid2eid(c.vocab_size, c.n_routed_experts, c.num_experts_per_tok))
+
+    def new_cache(self) -> V4Cache:
+        return V4Cache(self.config.num_hidden_layers, self.config.sliding_window)
+
+    def final_norm(self, X_BTnD: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.hc_head(X_BTnD))
+
+    def positions(self, attention_mask_BS: torch.Tensor | None, B: int, T: int, past: int,
+                  device: torch.device) -> torch.Tensor:
+        if attention_mask_BS is None:
+            return torch.arange(past, past + T, device=device).expand(B, T)
+        return (attention_mask_BS.long().cumsum(-1) - 1)[:, past:].clamp(min=0)  # left padding
+
+    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BS: torch.Tensor | None = None,
+                position_ids_BT: torch.Tensor | None = None, cache: V4Cache | None = None,
+                ) -> tuple[torch.Tensor, list[RoutingInfo], tuple[V4Context, None], None]:
+        """Returns (streams [B, T, n, D] before the head collapse, routing, (context, None), None)."""
+        B, T = input_ids_BT.shape
+        past = cache.seq_len if cache is not None else 0
+        device = input_ids_BT.device
+        if attention_mask_BS is not None and attention_mask_BS.shape != (B, past + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask_BS.shape)}; expected "
+                             f"(batch={B}, cached+new={past + T}) covering the cached and the new tokens")
+        if position_ids_BT is None:
+            position_ids_BT = self.positions(attention_mask_BS, B, T, past, device)
+        rope = {}
+        for kind in ("main", "compress"):
+            freqs = position_ids_BT[..., None].float() * getattr(self, f"{kind}_inv_freq").to(device)
+            rope[kind] = (freqs.cos(), freqs.sin())
+        ctx = V4Context(position_ids_BT, rope, attention_mask_BS, past)
+        emb = self.embed_tokens(input_ids_BT)
+        X = emb.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        routing: list[RoutingInfo] = []
+        for i, layer in enumerate(self.layers):
+            X, info = layer(X, ctx, cache.layer(i) if cache is not None else None, input_ids_BT)
+            routing.append(info)
+        if cache is not None:
+            cache.advance(T)
+        return X, routing, (ctx, None), None
+
+
+__all__ = ["ClampedSwiGLU", "HyperConnection", "HyperHead", "V4DecoderLayer", "V4MTP", "V4Model", "V4MoE",
+           "V4Router", "balanced_tid2eid", "hc_expand"]
