@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -25,10 +24,12 @@ from pathlib import Path
 import torch
 
 
-def _rss_kb() -> int:
+def _status_kb(field: str) -> int:
+    """VmRSS (now) / VmHWM (peak) of this process. Not getrusage's ru_maxrss: Linux carries that
+    across execve, so a child would report its parent's peak when the parent was bigger."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
 
@@ -153,7 +154,7 @@ def child(loader: str, path: str) -> None:
         from widemoe.commands.convert import convert
     else:
         from widemoe.hf import load_pretrained
-    base = _rss_kb()
+    base = _status_kb("VmRSS")
     t0 = time.perf_counter()
     if loader == "transformers":
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
@@ -164,7 +165,7 @@ def child(loader: str, path: str) -> None:
     else:
         model = load_pretrained(path, dtype=torch.bfloat16)
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kb("VmHWM")
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters()) if model is not None else 0
     print(json.dumps({"seconds": dt, "base_rss_kb": base, "peak_rss_kb": peak, "model_bytes": nbytes}))
 

@@ -146,8 +146,10 @@ def test_dispatch_property(case):
 # Capacity
 
 
-def test_capacity_drops_overflow_pairs_and_reports_them():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_capacity_drops_overflow_pairs_and_reports_them(impl):
     m = _experts(4, D=16, I=8, k=1)
+    m.impl = impl
     ids = torch.tensor([[0]] * 6 + [[1]] * 2)  # expert 0 overloaded
     w = torch.ones(8, 1)
     x = torch.randn(8, 16)
@@ -162,6 +164,11 @@ def test_capacity_drops_overflow_pairs_and_reports_them():
     y_free, d_free = m(x, ids, w)
     assert d_free == 0
     torch.testing.assert_close(y_free, y_ref)
+    # gradients flow only through the kept pairs; dropped pairs' routing weights get zero gradient
+    w1 = w.clone().requires_grad_()
+    y, _ = m(x.requires_grad_(), ids, w1, capacity=cap)
+    y.sum().backward()
+    assert torch.equal(w1.grad[2:6], torch.zeros_like(w1.grad[2:6])) and w1.grad[:2].abs().sum() > 0
 
 
 def test_capacity_formula():
@@ -187,3 +194,25 @@ def test_configure_cpu_runtime_is_idempotent():
     assert info["glibc_allocator_fix"] == first and info["num_threads"] == torch.get_num_threads()
     with pytest.raises(ValueError, match="num_threads"):
         configure_cpu_runtime(num_threads=0)
+
+
+def test_threads_backend_splits_experts_and_works_in_inference_mode():
+    from widemoe.model.experts import _segment_chunks
+
+    chunks = _segment_chunks([5, 0, 3, 2, 6, 0], workers=2)
+    assert [[j[0] for j in c] for c in chunks] == [[0, 2], [3, 4]]  # balanced by rows, empty experts skipped
+    assert sum(j[2] for c in chunks for j in c) == 16
+    m = _experts(16, D=16, I=8, k=4)
+    m.impl = "threads"
+    ids, w = _random_routing(40, 16, 4)
+    x = torch.randn(40, 16)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)  # two workers
+    try:
+        want = reference_moe(x, m.gate_up_proj, m.down_proj, ids, w)
+        with torch.inference_mode():
+            y, _ = m(x, ids, w)
+        torch.testing.assert_close(y, want)
+        _compare(m, x, ids, w, "threads")
+    finally:
+        torch.set_num_threads(prev)

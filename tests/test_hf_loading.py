@@ -266,3 +266,15 @@ def test_fp8_weight_without_scale_is_missing(saved, tmp_path) -> None:
     (tmp_path / "x" / "config.json").write_text(json.dumps(conf))
     with pytest.raises(LoadError, match=r"o_proj\.weight_scale_inv \(scale of the FP8 weight"):
         load_pretrained(tmp_path / "x")
+
+
+def test_save_writes_tokenizer_files(saved, tmp_path) -> None:
+    from tokenizers import Tokenizer, models
+
+    model, _ = saved
+    vocab = {f"t{i}": i for i in range(64)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t1"))
+    save_pretrained(model, tmp_path, tokenizer=tok)
+    assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).token_to_id("t5") == 5
+    conf = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert conf["eos_token"] == "t0" and conf["tokenizer_class"] == "PreTrainedTokenizerFast"

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from test_v4_parity import hf_pair, make_ids, tiny_v4_config
 from widemoe.generate import generate
 from widemoe.model.v4_cache import V4Cache
+
+
+@pytest.fixture(scope="module")
+def pair():  # noqa: ANN201
+    # index_topk >= entries: the indexer selects every visible entry (no ties to break).
+    return hf_pair(tiny_v4_config(index_topk=64))
 
 
 def _incremental(wm, ids: torch.Tensor, cuts: list[int]) -> tuple[torch.Tensor, V4Cache]:  # noqa: ANN001
@@ -18,25 +25,25 @@ def _incremental(wm, ids: torch.Tensor, cuts: list[int]) -> tuple[torch.Tensor, 
     return torch.cat(outs, dim=1), cache
 
 
-def test_prefix_chunked_and_decode_match_full_pass() -> None:
-    # index_topk >= entries: the indexer selects every visible entry (no ties to break).
-    c = tiny_v4_config(index_topk=64)
-    _, wm = hf_pair(c)
+def test_prefix_chunked_and_decode_match_full_pass(pair) -> None:  # noqa: ANN001
+    _, wm = pair
+    c = wm.config
     ids = make_ids(c, 2, 47)
     with torch.no_grad():
         full = wm(ids).logits
         prefix = wm(ids[:, :21]).logits
         chunked, _ = _incremental(wm, ids, [13, 30])  # chunk ends mid-window for CSA (4) and HCA (8)
-        decode, cache = _incremental(wm, ids, list(range(1, 47)))
+        # single tokens at the start, then token by token across 2 HCA and 4 CSA window ends
+        decode, cache = _incremental(wm, ids, [1, 2, 3, 5, 29, *range(30, 47)])
     assert (prefix - full[:, :21]).abs().max().item() < 1e-5
     assert (chunked - full).abs().max().item() < 1e-5
     assert (decode - full).abs().max().item() < 1e-5
     assert cache.seq_len == 47
 
 
-def test_decode_matches_transformers_cache() -> None:
-    c = tiny_v4_config(index_topk=64)
-    hf, wm = hf_pair(c)
+def test_decode_matches_transformers_cache(pair) -> None:  # noqa: ANN001
+    hf, wm = pair
+    c = wm.config
     ids = make_ids(c, 1, 30)
     with torch.no_grad():
         ref = hf(input_ids=ids[:, :20], use_cache=True)
@@ -62,9 +69,9 @@ def kv_elements_per_row(c, S: int) -> int:  # noqa: ANN001
     return total
 
 
-def test_kv_bytes_match_formula() -> None:
-    c = tiny_v4_config(index_topk=64)
-    _, wm = hf_pair(c)
+def test_kv_bytes_match_formula(pair) -> None:  # noqa: ANN001
+    _, wm = pair
+    c = wm.config
     for S in (3, 8, 45):
         ids = make_ids(c, 2, S)
         with torch.no_grad():
@@ -74,20 +81,20 @@ def test_kv_bytes_match_formula() -> None:
         assert cache.state_nbytes() <= 2 * 4 * c.num_hidden_layers * 4 * c.compress_rate_hca * 2 * c.head_dim
 
 
-def test_greedy_generate_equals_argmax_of_full_pass() -> None:
-    c = tiny_v4_config(index_topk=64)
-    _, wm = hf_pair(c)
+def test_greedy_generate_equals_argmax_of_full_pass(pair) -> None:  # noqa: ANN001
+    _, wm = pair
+    c = wm.config
     prompt = make_ids(c, 1, 11)[0].tolist()
-    new = generate(wm, [prompt], max_new_tokens=12)[0]
+    new = generate(wm, [prompt], max_new_tokens=10)[0]
     seq = torch.tensor([prompt + new])
     with torch.no_grad():
         logits = wm(seq).logits[0]
     assert new == logits[len(prompt) - 1:-1].argmax(-1).tolist()
 
 
-def test_cache_select_keeps_rows() -> None:
-    c = tiny_v4_config(index_topk=64)
-    _, wm = hf_pair(c)
+def test_cache_select_keeps_rows(pair) -> None:  # noqa: ANN001
+    _, wm = pair
+    c = wm.config
     ids = make_ids(c, 2, 23)
     with torch.no_grad():
         cache = wm.new_cache()

@@ -44,7 +44,8 @@ def hf_config(c: ModelConfig) -> DeepseekV4Config:
     return DeepseekV4Config(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, moe_intermediate_size=c.moe_intermediate_size,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=1, head_dim=c.head_dim, q_lora_rank=c.q_lora_rank, partial_rotary_factor=c.qk_rope_head_dim / c.head_dim,
+        num_key_value_heads=1, head_dim=c.head_dim, q_lora_rank=c.q_lora_rank,
+        partial_rotary_factor=c.qk_rope_head_dim / c.head_dim,
         n_routed_experts=c.n_routed_experts, num_experts_per_tok=c.num_experts_per_tok, n_shared_experts=1,
         routed_scaling_factor=c.routed_scaling_factor, max_position_embeddings=c.max_position_embeddings,
         rope_theta=c.rope_theta, compress_rope_theta=c.compress_rope_theta,

@@ -163,6 +163,97 @@ def layer_norms(c: ModelConfig) -> int:
     return n
 
 
+# --- DeepSeek-V4 (widemoe.model.deepseek_v4; shared/reference/deepseek_v4.md section 4) -------------
+# Components: "attention" holds the attention projections, compressors, indexer and the per-layer
+# hyper-connection (mHC) matrices; "norms" every RMSNorm weight; the additive vectors (sinks,
+# compressor position biases, mHC bases and scales) are counted in `biases` (no matmul FLOPs).
+
+
+def _v4_attention(c: ModelConfig, layer_type: str) -> tuple[int, int, int]:
+    """(matmul weights, norm weights, additive vectors) of one V4 attention layer plus its two mHC sites."""
+    D, H, d, q = c.hidden_size, c.num_attention_heads, c.gqa_head_dim, c.q_lora_rank
+    g, o, n = c.o_groups, c.o_lora_rank, c.hc_mult
+    mats = D * q + q * H * d + D * d + H * d * o + g * o * D
+    norms, adds = q + d, H  # q_a_norm, kv_norm; sinks
+    if layer_type == "compressed_sparse_attention":
+        m, ci, Hi = c.compress_rate_csa, c.index_head_dim, c.index_n_heads
+        mats += 4 * D * d + 4 * D * ci + q * Hi * ci + D * Hi
+        norms += d + ci
+        adds += m * 2 * d + m * 2 * ci
+    elif layer_type == "heavily_compressed_attention":
+        mats += 2 * D * d
+        norms += d
+        adds += c.compress_rate_hca * d
+    mats += 2 * (2 + n) * n * n * D  # attn_hc.fn, ffn_hc.fn
+    adds += 2 * ((2 + n) * n + 3)  # their base and scale
+    return mats, norms, adds
+
+
+def _v4_layer(c: ModelConfig, layer_type: str, active: bool) -> tuple[dict[str, int], int]:
+    D, I = c.hidden_size, c.moe_intermediate_size
+    out = dict.fromkeys(COMPONENTS, 0)
+    mats, norms, adds = _v4_attention(c, layer_type)
+    out["attention"] = mats + adds
+    out["norms"] = norms + 2 * D
+    out["routed_experts"] = (c.num_experts_per_tok if active else c.n_routed_experts) * _swiglu(D, I)
+    out["shared_experts"] = _swiglu(D, c.n_shared_experts * I)
+    out["router"] = c.n_routed_experts * D
+    return out, adds
+
+
+def _count_params_v4(c: ModelConfig) -> ParamCount:
+    V, D, n = c.vocab_size, c.hidden_size, c.hc_mult
+    total, active = dict.fromkeys(COMPONENTS, 0), dict.fromkeys(COMPONENTS, 0)
+    for acc in (total, active):
+        acc["embedding"] = V * D
+        acc["head"] = 0 if c.tie_word_embeddings else V * D
+        acc["norms"] = D
+        acc["attention"] = n * n * D + n + 1  # hc_head
+    biases = n + 1
+    for t in c.v4_layer_types:
+        layer, adds = _v4_layer(c, t, active=False)
+        _add(total, layer)
+        _add(active, _v4_layer(c, t, active=True)[0])
+        biases += adds
+    buffers = (c.num_hidden_layers - c.num_hash_layers) * c.n_routed_experts
+    k = c.num_nextn_predict_layers
+    mtp_total: dict[str, int] = dict.fromkeys((*COMPONENTS, "eh_proj"), 0)
+    mtp_active: dict[str, int] = dict.fromkeys((*COMPONENTS, "eh_proj"), 0)
+    mtp_biases = 0
+    for _ in range(k):  # enorm, hnorm, e_proj, h_proj, a sliding-only block, hc_head, norm
+        for acc, act in ((mtp_total, False), (mtp_active, True)):
+            layer, adds = _v4_layer(c, "sliding_attention", act)
+            _add(acc, layer)
+            acc["norms"] += 3 * D
+            acc["eh_proj"] += 2 * D * D
+            acc["attention"] += n * n * D + n + 1
+        mtp_biases += adds + n + 1
+        buffers += c.n_routed_experts
+    return ParamCount(total=total, active=active, mtp_total=mtp_total, mtp_active=mtp_active, buffers=buffers,
+                      tied=c.tie_word_embeddings, mtp_modules=k, biases=biases, mtp_biases=mtp_biases)
+
+
+def v4_kv_elements(c: ModelConfig, tokens: int) -> int:
+    """Elements a V4 cache holds for one sequence of `tokens` positions (`V4Cache.nbytes()` / bytes):
+    per layer the window min(tokens, W-1)·d, plus ⌊tokens/m⌋·(d + ci) per CSA layer (compressed
+    entries and index keys) or ⌊tokens/m'⌋·d per HCA layer."""
+    d, total = c.gqa_head_dim, 0
+    for t in c.v4_layer_types:
+        total += min(tokens, c.sliding_window - 1) * d
+        if t == "compressed_sparse_attention":
+            total += (tokens // c.compress_rate_csa) * (d + c.index_head_dim)
+        elif t == "heavily_compressed_attention":
+            total += (tokens // c.compress_rate_hca) * d
+    return total
+
+
+def v4_kv_growth_per_token(c: ModelConfig) -> float:
+    """Elements added per token over all layers once the windows are full (Flash: 21·160 + 20·4)."""
+    per = {"compressed_sparse_attention": (c.gqa_head_dim + c.index_head_dim) / c.compress_rate_csa,
+           "heavily_compressed_attention": c.gqa_head_dim / c.compress_rate_hca, "sliding_attention": 0.0}
+    return sum(per[t] for t in c.v4_layer_types)
+
+
 def _layer(c: ModelConfig, moe: bool, active: bool) -> dict[str, int]:
     """Parameters of one decoder layer by component (`active`: routed experts scaled to K of E)."""
     D, I = c.hidden_size, c.moe_intermediate_size
@@ -238,6 +329,8 @@ class ParamCount:
 
 def count_params(c: ModelConfig) -> ParamCount:
     """Closed-form parameter counts of `WideMoeForCausalLM(c)` (names in docs/internals.md)."""
+    if c.is_v4:
+        return _count_params_v4(c)
     V, D = c.vocab_size, c.hidden_size
     total, active = dict.fromkeys(COMPONENTS, 0), dict.fromkeys(COMPONENTS, 0)
     total["embedding"] = active["embedding"] = V * D
@@ -345,7 +438,10 @@ def weight_bytes(c: ModelConfig, dtype: str, include_mtp: bool = False) -> float
 
 
 def kv_elements_per_token_layer(c: ModelConfig) -> int:
-    """Cached elements per token per layer: MLA latent + rotated k_pe, or GQA keys and values."""
+    """Cached elements per token per layer: MLA latent + rotated k_pe, or GQA keys and values.
+    DeepSeek-V4: the mean growth per token per layer once the sliding windows are full."""
+    if c.is_v4:
+        return v4_kv_growth_per_token(c) / c.num_hidden_layers  # type: ignore[return-value]
     if c.is_mla:
         return c.kv_lora_rank + c.qk_rope_head_dim
     return 2 * c.kv_heads * c.gqa_head_dim
@@ -364,6 +460,8 @@ def kv_bytes(c: ModelConfig, tokens: int, batch: int = 1, dtype: str = "bf16") -
         raise CostError(f"context={tokens} and batch={batch} must be >= 0")
     if dtype not in BYTES:
         raise CostError(f"kv dtype={dtype!r} must be one of {list(BYTES)}")
+    if c.is_v4:  # not linear in tokens: a fixed window plus compressed entries every m / m' tokens
+        return v4_kv_elements(c, tokens) * batch * BYTES[dtype]
     return kv_elements_per_token_layer(c) * c.num_hidden_layers * tokens * batch * BYTES[dtype]
 
 
@@ -543,6 +641,17 @@ PUBLISHED: tuple[Published, ...] = (
 )
 
 
+# DeepSeek-V4 model cards: totals count the main model without MTP; the active counts match
+# "everything but the input embedding, K of E experts in every layer" (hash layers included).
+_V4F, _V4P = "deepseek-ai/DeepSeek-V4-Flash model card", "deepseek-ai/DeepSeek-V4-Pro model card"
+PUBLISHED_V4: tuple[Published, ...] = (
+    Published("deepseek-v4-flash", "total", "284B", _V4F, "main model without the MTP block (6.6B)"),
+    Published("deepseek-v4-flash", "active_without_embedding", "13B", _V4F, "with the embedding: 13.8B"),
+    Published("deepseek-v4-pro", "total", "1.6T", _V4P, "1.573T without MTP (1.599T with it)"),
+    Published("deepseek-v4-pro", "active_without_embedding", "49B", _V4P, "with the embedding: 49.8B"),
+)
+
+
 def check_published(fig: Published) -> dict[str, Any]:
     """Computed vs published: relative deviation and whether it is within 1% or at the published precision."""
     computed = computed_quantity(get_preset(fig.model), fig.quantity)
@@ -575,10 +684,11 @@ def v3_implied_mfu() -> dict[str, float]:
 
 __all__ = [
     "BYTES", "COMPONENTS", "CostError", "DenseContrast", "Flops", "GPT5_CLASS_DENSE", "GPUS", "Gpu",
-    "PUBLISHED", "ParamCount", "Published", "V3_TRAINING",
+    "PUBLISHED", "PUBLISHED_V4", "ParamCount", "Published", "V3_TRAINING",
     "attention_flops_per_token", "check_published",
     "computed_quantity", "count_params", "flops_per_token", "get_gpu", "gpu_hours",
     "implied_mfu", "kv_bytes", "kv_elements_per_token_layer", "kv_uncompressed_elements_per_token_layer",
     "load_config", "mtp_redundant_copies", "parse_amount", "parse_context", "serving_gpus",
-    "training_bytes_per_gpu", "training_flops", "v3_implied_mfu", "weight_bytes",
+    "training_bytes_per_gpu", "training_flops", "v3_implied_mfu", "v4_kv_elements", "v4_kv_growth_per_token",
+    "weight_bytes",
 ]

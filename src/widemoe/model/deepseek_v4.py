@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from widemoe.config import ModelConfig
+from widemoe.model.experts import RoutedExperts
 from widemoe.model.layers import RMSNorm
 from widemoe.model.moe import MoE, RoutingInfo
 from widemoe.model.router import RouterOutput
@@ -67,12 +68,35 @@ class HyperConnection(nn.Module):
         pre = torch.sigmoid(pre_w * s_pre + pre_b) + self.hc_eps
         post = 2 * torch.sigmoid(post_w * s_post + post_b)
         comb = torch.softmax(comb_w.view(B, T, n, n) * s_comb + comb_b.view(n, n), dim=-1) + self.hc_eps
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
-        for _ in range(self.iters - 1):  # Sinkhorn-Knopp towards a doubly stochastic matrix
-            comb = comb / (comb.sum(dim=-1, keepdim=True) + self.hc_eps)
-            comb = comb / (comb.sum(dim=-2, keepdim=True) + self.hc_eps)
+        comb = sinkhorn(comb, self.iters, self.hc_eps)
         collapsed = (pre.unsqueeze(-1) * X_BTnD).sum(dim=2).to(X_BTnD.dtype)
         return post, comb, collapsed
+
+
+_SMALL_SINKHORN = 64  # matrix entries up to which the Python loop beats ~120 tiny tensor ops (decoding)
+
+
+def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Columns, then (rows, columns) x (iters - 1), each normalised as x / (sum + eps) (transformers' order).
+
+    For a handful of matrices (decoding one token) the same arithmetic runs on Python floats: 6·iters
+    tensor ops on a [1, 1, n, n] tensor cost ~100x more in dispatch than the arithmetic itself. Python
+    floats are float64, so that path is at least as accurate as the fp32 tensor path.
+    """
+    if comb.numel() > _SMALL_SINKHORN or torch.is_grad_enabled() and comb.requires_grad:
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        for _ in range(iters - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        return comb
+    out = []
+    for m in comb.transpose(-1, -2).reshape(-1, comb.shape[-1], comb.shape[-1]).tolist():
+        # m holds the transpose, so normalising its rows normalises the columns; each pass then
+        # transposes (zip), and after 2·iters - 1 passes (odd) m is back in the original orientation.
+        for _ in range(2 * iters - 1):
+            m = list(zip(*[[v / s for v in row] for row in m for s in (sum(row) + eps,)]))
+        out.append(m)
+    return torch.tensor(out, dtype=comb.dtype, device=comb.device).view(comb.shape)
 
 
 def hc_expand(X_BTnD: torch.Tensor, y_BTD: torch.Tensor, post: torch.Tensor,
@@ -178,12 +202,39 @@ class ClampedSwiGLU(nn.Module):
         return self.down_proj(F.silu(g) * u)
 
 
+class V4Experts(RoutedExperts):
+    """`RoutedExperts` with a decoding fast path: for a few token-expert pairs without autograd, the
+    chosen experts' weights are gathered and applied with two batched matmuls (~10 tensor ops instead
+    of a dispatch plan and one segment per expert). Same math, including the SwiGLU clamp when the
+    parent honours one (its `swiglu_limit`, absent until experts.py grows the option)."""
+
+    FAST_MAX_PAIRS = 16
+
+    def forward(self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor,
+                capacity: int | None = None) -> tuple[torch.Tensor, int]:
+        N, K = topk_ids_NK.shape
+        grad = torch.is_grad_enabled() and (x_ND.requires_grad or self.gate_up_proj.requires_grad)
+        if grad or capacity is not None or N * K > self.FAST_MAX_PAIRS or N == 0:
+            return super().forward(x_ND, topk_ids_NK, topk_weights_NK, capacity)
+        ids = topk_ids_NK.reshape(-1)
+        x = x_ND.to(self.gate_up_proj.dtype)
+        h_PF = torch.matmul(self.gate_up_proj[ids], x.repeat_interleave(K, dim=0)[:, :, None]).squeeze(-1)
+        g, u = h_PF.chunk(2, dim=-1)
+        limit = getattr(self, "swiglu_limit", None)
+        if limit is not None:
+            g, u = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
+        y_PD = torch.matmul(self.down_proj[ids], (F.silu(g) * u)[:, :, None]).squeeze(-1)
+        y_ND = (y_PD.float().view(N, K, -1) * topk_weights_NK.float()[..., None]).sum(dim=1)
+        return y_ND.to(x_ND.dtype), 0
+
+
 class V4MoE(MoE):
     """The widemoe MoE block (dispatch, statistics, aux losses) with the V4 router and shared expert."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         self.gate = V4Router(config, hash_layer=layer_idx < config.num_hash_layers)
+        self.experts = V4Experts(config)
         width = config.n_shared_experts * config.moe_intermediate_size
         self.shared_experts = (ClampedSwiGLU(config.hidden_size, width, config.swiglu_limit)
                                if width > 0 else None)

@@ -2,24 +2,30 @@
 
 Weights use the transformers v5 layout: ``gate_up_proj [E, 2I, D]`` (rows 0:I gate, I:2I up) and
 ``down_proj [E, D, I]``. The dispatch follows torchtitan's `GroupedExperts` and the measurements in
-shared/reference/cpu-performance*.md:
+shared/reference/cpu-performance*.md: sort the P = N·K (token, expert) pairs by expert once (stable, so
+token order is kept inside a segment), run every expert on its contiguous segment, apply the combine
+weights in fp32 and accumulate in fp32 once. Two executions of that recipe:
 
-1. sort the P = N·K (token, expert) pairs by expert once (stable, so token order is kept inside a segment),
-2. gather the token rows once and run every expert on its contiguous segment, either with
-   `torch._grouped_mm` (ATen loops one GEMM per group on CPU; CUTLASS on GPUs) or a Python segment loop,
-3. multiply by the combine weights in fp32 and scatter-add once into an fp32 [N, D] accumulator.
+- `_SegmentFn` (CPU default, backends "threads" / "loop"): per expert, gather its rows, both GEMMs,
+  SwiGLU, weighting and an fp32 scatter-add, fused so that no [P, D] buffer exists and each expert's
+  working set stays in cache; experts are split between single-threaded worker threads ("threads", as
+  many as torch's intra-op threads) or run serially ("loop").
+- `_GroupedFn` (GPU default, backend "gmm"): whole sorted buffers through `torch._grouped_mm` (needs
+  16-byte-aligned strides), un-permute gather + one fp32 batched GEMV to combine.
 
-Under autograd the routed computation is one hand-written `torch.autograd.Function` (`_RoutedExpertsFn`):
-it saves the permutation, the gathered rows, the pre-activations and the expert outputs once, and writes
-the weight gradients straight into [E, ...] buffers with grouped GEMMs. Autograd through per-expert
-indexing of a 3-D parameter (`W[e]`) is never used: each `SelectBackward` materialises a zero tensor
-the size of the whole parameter (40x slower backward at E=256, see cpu-performance-detail.md §5).
-Experts that receive no tokens get exactly-zero gradients.
+Both are hand-written `torch.autograd.Function`s: saved tensors are kept once, weight gradients are written
+straight into [E, ...] buffers, and autograd never indexes a 3-D parameter as `W[e]` (each `SelectBackward`
+zero-fills a tensor the size of the whole parameter: 40x slower backward at E=256, cpu-performance-detail
+§5). Experts that receive no tokens get exactly-zero gradients. "autograd" (plain autograd through
+`_grouped_mm` + `index_add`) is kept as a benchmark baseline.
 
-Path choice (`RoutedExperts.impl = "auto"`), measured by benchmarks/moe_layer.py on the 2-core CPU:
-- autograd needed: `_RoutedExpertsFn` with grouped GEMMs (segment-loop GEMMs when shapes are not
-  16-byte aligned, which `_grouped_mm` requires);
-- no grad: the grouped-GEMM forward for fp32 and bf16 when aligned; the segment loop otherwise.
+Why "threads" on CPU: measured side by side on the shared 2-core machine (benchmarks/moe_layer.py and
+ad-hoc runs, median of 3-7 round-robin reps, machine load 5-8), config a (d512 E64 k8 I256, T=2048):
+fp32 forward 0.63x dense ("threads") vs 0.27x (`_grouped_mm`); fp32 forward+backward 0.65x vs 0.14x;
+bf16 b forward+backward 0.35x vs 0.15x. Each small GEMM under 2-thread OpenMP waits at a barrier for a
+descheduled partner on a busy machine (2-thread 512x256 GEMMs: 6 GFLOP/s, 1-thread: 20-30), while
+single-threaded workers have no per-GEMM barrier. On an idle machine the reference doc found
+`_grouped_mm` and a per-expert loop within a few percent of each other.
 
 Optional capacity (Switch Transformer / GShard): each expert keeps its first `capacity` pairs in token
 order, overflow pairs are dropped (their token gets no contribution from that expert). The MoE block
@@ -112,122 +118,147 @@ def _worker_init() -> None:
 
 
 def _expert_pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool of >= `workers` single-threaded workers (rebuilt after a fork)."""
     pool = _POOL.get("pool")
-    if pool is None or _POOL.get("size") != workers or _POOL.get("pid") != os.getpid():  # fork-safe
+    if pool is None or _POOL["size"] < workers or _POOL["pid"] != os.getpid():
+        if pool is not None and _POOL["pid"] == os.getpid():
+            pool.shutdown(wait=False)  # type: ignore[attr-defined]
         pool = ThreadPoolExecutor(workers, thread_name_prefix="widemoe-experts", initializer=_worker_init)
         _POOL.update(pool=pool, size=workers, pid=os.getpid())
     return pool  # type: ignore[return-value]
 
 
-def _run_segments(fn: Callable[[int, int, int], None], counts: list[int], workers: int) -> None:
-    """Call fn(e, start_row, n_rows) for every non-empty expert, split over `workers` threads by load."""
+def _segment_chunks(counts: list[int], workers: int) -> list[list[tuple[int, int, int]]]:
+    """Non-empty experts as (e, start_row, n_rows), cut into <= `workers` contiguous chunks of ~equal rows."""
     jobs, s = [], 0
     for e, n in enumerate(counts):
         if n:
             jobs.append((e, s, n))
         s += n
-    if workers <= 1 or len(jobs) < 2:
-        for job in jobs:
-            fn(*job)
-        return
     total, chunks, cur, acc = sum(counts), [], [], 0
-    for job in jobs:  # contiguous chunks of ~equal row counts
+    for job in jobs:
         cur.append(job)
         acc += job[2]
         if acc >= total * (len(chunks) + 1) / workers and len(chunks) < workers - 1:
             chunks.append(cur)
             cur = []
     chunks.append(cur)
+    return [c for c in chunks if c]
+
+
+def _run_chunks(fn: Callable[[int, int, int, int], None], chunks: list[list[tuple[int, int, int]]]) -> None:
+    """Call fn(chunk_idx, e, start_row, n_rows) for every job; one worker thread per chunk."""
+    if len(chunks) <= 1:
+        for i, chunk in enumerate(chunks):
+            for job in chunk:
+                fn(i, *job)
+        return
     inference = torch.is_inference_mode_enabled()
 
-    def run(chunk: list[tuple[int, int, int]]) -> None:
+    def run(i: int, chunk: list[tuple[int, int, int]]) -> None:
         # grad mode is thread-local: without this, W[e] on a parameter would record autograd in the worker
         with torch.inference_mode() if inference else torch.no_grad():
             for job in chunk:
-                fn(*job)
+                fn(i, *job)
 
-    futures = [_expert_pool(workers).submit(run, c) for c in chunks if c]
-    for f in futures:
+    pool = _expert_pool(len(chunks))
+    for f in [pool.submit(run, i, c) for i, c in enumerate(chunks)]:
         f.result()
 
 
-class _Experts:
-    """The expert math on sorted rows, by one of three backends: `_grouped_mm` over whole buffers, or
-    per-expert segments run serially ("loop") or across worker threads ("threads")."""
+def _segment_forward(x_ND, W1, W2, w_P, tok_P, chunks, save: bool):  # noqa: ANN001, ANN201
+    """Fused per-expert forward; returns (y_ND, h_PF or None). `save` keeps the pre-activations."""
+    I = W2.shape[-1]
+    h_PF = x_ND.new_empty(tok_P.numel(), 2 * I) if save else None
+    acc = [torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device) for _ in chunks]
 
-    def __init__(self, gate_up_EFD: torch.Tensor, down_EDI: torch.Tensor, plan: DispatchPlan, backend: str):
-        self.W1, self.W2, self.plan, self.backend = gate_up_EFD, down_EDI, plan, backend
-        self.inter = down_EDI.shape[-1]
-        self.counts = None if backend == "gmm" else plan.counts_E.tolist()
-        self.workers = torch.get_num_threads() if backend == "threads" else 1
+    def seg(c: int, e: int, s: int, n: int) -> None:
+        xs = x_ND.index_select(0, tok_P[s:s + n])
+        if save:
+            h = torch.mm(xs, W1[e].t(), out=h_PF[s:s + n])
+            a = F.silu(h[:, :I]) * h[:, I:]
+        else:
+            h = torch.mm(xs, W1[e].t())
+            a = F.silu(h[:, :I], inplace=True).mul_(h[:, I:])
+        ys = torch.mm(a, W2[e].t())
+        ys = ys.float() if ys.dtype != torch.float32 else ys
+        acc[c].index_add_(0, tok_P[s:s + n], ys.mul_(w_P[s:s + n, None]))
 
-    def forward(self, xs_PD: torch.Tensor, save: bool) -> tuple[torch.Tensor, ...]:
-        """ys = SwiGLU_e(xs) per segment; with `save`, also the pre-activations h [P, 2I] and a [P, I]."""
-        I, W1, W2 = self.inter, self.W1, self.W2
-        if self.counts is None:
-            offs = self.plan.offs_E
-            h_PF = torch._grouped_mm(xs_PD, W1.transpose(-2, -1), offs=offs)
-            if save:
-                a_PI = F.silu(h_PF[:, :I]) * h_PF[:, I:]
-            else:  # in place: no extra [P, I] buffers
-                a_PI = F.silu(h_PF[:, :I], inplace=True).mul_(h_PF[:, I:])
-            ys_PD = torch._grouped_mm(a_PI, W2.transpose(-2, -1), offs=offs)
-            return ys_PD, (h_PF if save else None), (a_PI if save else None)
-        P = xs_PD.shape[0]
-        ys_PD = xs_PD.new_empty(P, W2.shape[1])
-        h_PF = xs_PD.new_empty(P, 2 * I) if save else None
-        a_PI = xs_PD.new_empty(P, I) if save else None
+    _run_chunks(seg, chunks)
+    y = acc[0]
+    for extra in acc[1:]:
+        y += extra
+    return y.to(x_ND.dtype), h_PF
 
-        def seg(e: int, s: int, n: int) -> None:
-            if save:
-                h = torch.mm(xs_PD[s:s + n], W1[e].t(), out=h_PF[s:s + n])
-                a = torch.mul(F.silu(h[:, :I]), h[:, I:], out=a_PI[s:s + n])
-            else:
-                h = torch.mm(xs_PD[s:s + n], W1[e].t())
-                a = F.silu(h[:, :I], inplace=True).mul_(h[:, I:])
-            torch.mm(a, W2[e].t(), out=ys_PD[s:s + n])
 
-        _run_segments(seg, self.counts, self.workers)
-        return ys_PD, h_PF, a_PI
+class _SegmentFn(torch.autograd.Function):
+    """Per-expert fused path (CPU): each expert's gather, GEMMs, SwiGLU, weighting and fp32 scatter-add run
+    on its contiguous segment inside one worker, so no [P, D] buffer is ever built and every expert's
+    working set stays in cache. Workers accumulate into private fp32 [N, D] buffers summed at the end.
 
-    def backward(self, gys_PD: torch.Tensor, xs_PD: torch.Tensor, h_PF: torch.Tensor, a_PI: torch.Tensor,
-                 need: tuple[bool, bool, bool]) -> tuple[torch.Tensor | None, ...]:
-        """Given d ys (already weighted), return (d xs [P, D], d gate_up [E, 2I, D], d down [E, D, I])."""
-        I, W1, W2 = self.inter, self.W1, self.W2
-        need_x, need_w1, need_w2 = need
-        if self.counts is None:
-            offs = self.plan.offs_E
-            d_down = torch._grouped_mm(gys_PD.t(), a_PI, offs=offs) if need_w2 else None
-            da_PI = torch._grouped_mm(gys_PD, W2, offs=offs)
-            dh_PF = torch.empty_like(h_PF)
-            _swiglu_backward(da_PI, h_PF, dh_PF, I)
-            del da_PI
-            d_gate_up = torch._grouped_mm(dh_PF.t(), xs_PD, offs=offs) if need_w1 else None
-            dxs_PD = torch._grouped_mm(dh_PF, W1, offs=offs) if need_x else None
-            return dxs_PD, d_gate_up, d_down
-        d_down = torch.empty_like(W2) if need_w2 else None
-        d_gate_up = torch.empty_like(W1) if need_w1 else None
-        dxs_PD = torch.empty_like(xs_PD) if need_x else None
-        for e, n in enumerate(self.counts):  # experts without tokens: exactly-zero weight gradients
+    Saved: x, the sorted weights and the pre-activations h [P, 2I]; the backward re-gathers x per segment,
+    recomputes a = silu(g)·u, and gets the routing-weight gradient as <gy·W2_e, a> without keeping ys.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, W1, W2, w_NK, plan: DispatchPlan, workers: int):  # noqa: ANN001, ANN205
+        w_P = w_NK.reshape(-1).index_select(0, plan.order_P)
+        chunks = _segment_chunks(plan.counts_E.tolist(), workers)
+        y, h_PF = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=True)
+        ctx.save_for_backward(x_ND, W1, W2, w_P, h_PF)
+        ctx.plan, ctx.chunks, ctx.wshape = plan, chunks, w_NK.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy_ND):  # noqa: ANN001, ANN205
+        x_ND, W1, W2, w_P, h_PF = ctx.saved_tensors
+        plan, chunks = ctx.plan, ctx.chunks
+        tok_P, I, dtype = plan.tok_P, W2.shape[-1], x_ND.dtype
+        need_x, need_w1, need_w2, need_w = ctx.needs_input_grad[:4]
+        gy_ND = gy_ND.contiguous().to(dtype)
+        d_W1 = torch.empty_like(W1) if need_w1 else None
+        d_W2 = torch.empty_like(W2) if need_w2 else None
+        for e, n in enumerate(plan.counts_E.tolist()):  # experts without tokens: exactly-zero gradients
             if n == 0:
-                for g in (d_down, d_gate_up):
+                for g in (d_W1, d_W2):
                     if g is not None:
                         g[e].zero_()
+        gw_P = torch.empty_like(w_P) if need_w else None
+        dx_acc = [torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device) for _ in chunks] \
+            if need_x else []
 
-        def seg(e: int, s: int, n: int) -> None:
-            gys = gys_PD[s:s + n]
+        def seg(c: int, e: int, s: int, n: int) -> None:
+            tok, w = tok_P[s:s + n], w_P[s:s + n, None]
+            h = h_PF[s:s + n]
+            a = F.silu(h[:, :I]) * h[:, I:]
+            gys = gy_ND.index_select(0, tok)  # unweighted d y of these rows
+            da = torch.mm(gys, W2[e])  # = gy · W2_e, so <da, a> = <gy, ys> = d w
+            if need_w:
+                prod = da * a if dtype == torch.float32 else da.float() * a.float()
+                gw_P[s:s + n] = prod.sum(-1)
+            wd = w.to(dtype)
             if need_w2:
-                torch.mm(gys.t(), a_PI[s:s + n], out=d_down[e])
-            da = torch.mm(gys, W2[e])
-            dh = torch.empty_like(h_PF[s:s + n])
-            _swiglu_backward(da, h_PF[s:s + n], dh, I)
+                torch.mm(gys.t(), a.mul_(wd), out=d_W2[e])  # Σ (w·gy)ᵀ a
+            dh = torch.empty_like(h)
+            _swiglu_backward(da.mul_(wd), h, dh, I)
             if need_w1:
-                torch.mm(dh.t(), xs_PD[s:s + n], out=d_gate_up[e])
+                torch.mm(dh.t(), x_ND.index_select(0, tok), out=d_W1[e])
             if need_x:
-                torch.mm(dh, W1[e], out=dxs_PD[s:s + n])
+                dxs = torch.mm(dh, W1[e])
+                dx_acc[c].index_add_(0, tok, dxs if dxs.dtype == torch.float32 else dxs.float())
 
-        _run_segments(seg, self.counts, self.workers)
-        return dxs_PD, d_gate_up, d_down
+        _run_chunks(seg, chunks)
+        dx = None
+        if need_x:
+            dx = dx_acc[0]
+            for extra in dx_acc[1:]:
+                dx += extra
+            dx = dx.to(dtype)
+        gw_NK = None
+        if need_w:
+            gw_NK = torch.zeros(ctx.wshape, dtype=torch.float32, device=w_P.device)
+            gw_NK.view(-1).index_copy_(0, plan.order_P, gw_P)  # dropped pairs keep 0
+        return dx, d_W1, d_W2, gw_NK, None, None
 
 
 def _swiglu_backward(da_PI: torch.Tensor, h_PF: torch.Tensor, dh_PF: torch.Tensor, I: int) -> None:
@@ -253,8 +284,9 @@ def _combine(ys_NKD: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
     return torch.bmm(w_NK.unsqueeze(1), ys_NKD).squeeze(1)
 
 
-class _RoutedExpertsFn(torch.autograd.Function):
-    """y = Σ_k w_k · SwiGLU_{e_k}(x): one gather, grouped expert compute, one fp32 combine; own backward.
+class _GroupedFn(torch.autograd.Function):
+    """y = Σ_k w_k · SwiGLU_{e_k}(x) over whole sorted buffers with `torch._grouped_mm` (GPU path; on CPU
+    when forced): one gather, grouped GEMMs, one fp32 combine; hand-written backward.
 
     Saved once: the gathered rows [P, D], the pre-activations [P, 2I] and activations [P, I], and the
     token-ordered expert outputs (fp32, for the routing-weight gradient). The backward writes dW straight
@@ -262,40 +294,45 @@ class _RoutedExpertsFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_ND, gate_up_EFD, down_EDI, w_NK, plan: DispatchPlan, backend: str):  # noqa: ANN001, ANN205
-        ex = _Experts(gate_up_EFD, down_EDI, plan, backend)
+    def forward(ctx, x_ND, W1, W2, w_NK, plan: DispatchPlan):  # noqa: ANN001, ANN205
+        I, offs = W2.shape[-1], plan.offs_E
         xs_PD = x_ND.index_select(0, plan.tok_P)
-        ys_PD, h_PF, a_PI = ex.forward(xs_PD, save=True)
+        h_PF = torch._grouped_mm(xs_PD, W1.transpose(-2, -1), offs=offs)
+        a_PI = F.silu(h_PF[:, :I]) * h_PF[:, I:]
+        ys_PD = torch._grouped_mm(a_PI, W2.transpose(-2, -1), offs=offs)
         ys_NKD = _unpermute(ys_PD, plan.inv_NK, w_NK.shape[1])
         del ys_PD
         if ys_NKD.dtype != torch.float32:
             ys_NKD = ys_NKD.float()
         y_ND = _combine(ys_NKD, w_NK).to(x_ND.dtype)
-        ctx.save_for_backward(gate_up_EFD, down_EDI, w_NK, xs_PD, h_PF, a_PI, ys_NKD)
-        ctx.plan, ctx.backend = plan, backend
+        ctx.save_for_backward(W1, W2, w_NK, xs_PD, h_PF, a_PI, ys_NKD)
+        ctx.plan = plan
         return y_ND
 
     @staticmethod
     def backward(ctx, gy_ND):  # noqa: ANN001, ANN205
-        gate_up_EFD, down_EDI, w_NK, xs_PD, h_PF, a_PI, ys_NKD = ctx.saved_tensors
+        W1, W2, w_NK, xs_PD, h_PF, a_PI, ys_NKD = ctx.saved_tensors
         plan = ctx.plan
-        K = w_NK.shape[1]
-        dtype = xs_PD.dtype
+        I, offs, K, dtype = W2.shape[-1], plan.offs_E, w_NK.shape[1], xs_PD.dtype
+        need_x, need_w1, need_w2, need_w = ctx.needs_input_grad[:4]
         gy_ND = gy_ND.contiguous()
-        gw_NK = None
-        if ctx.needs_input_grad[3]:  # d w_nk = <gy_n, ys_nk>: one batched GEMV in fp32
-            gw_NK = torch.bmm(ys_NKD, gy_ND.float().unsqueeze(-1)).squeeze(-1)
+        # d w_nk = <gy_n, ys_nk>
+        gw_NK = torch.bmm(ys_NKD, gy_ND.float().unsqueeze(-1)).squeeze(-1) if need_w else None
         del ys_NKD
         w_P = w_NK.reshape(-1).index_select(0, plan.order_P).to(dtype)
-        gys_PD = gy_ND.index_select(0, plan.tok_P).mul_(w_P.unsqueeze(-1))  # d ys = w · gy[token]
-        ex = _Experts(gate_up_EFD, down_EDI, plan, ctx.backend)
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        dxs_PD, d_gate_up, d_down = ex.backward(gys_PD, xs_PD, h_PF, a_PI, need)
+        gys_PD = gy_ND.to(dtype).index_select(0, plan.tok_P).mul_(w_P.unsqueeze(-1))  # d ys = w · gy[token]
+        d_W2 = torch._grouped_mm(gys_PD.t(), a_PI, offs=offs) if need_w2 else None
+        da_PI = torch._grouped_mm(gys_PD, W2, offs=offs)
+        del gys_PD
+        dh_PF = torch.empty_like(h_PF)
+        _swiglu_backward(da_PI, h_PF, dh_PF, I)
+        del da_PI
+        d_W1 = torch._grouped_mm(dh_PF.t(), xs_PD, offs=offs) if need_w1 else None
         dx_ND = None
-        if dxs_PD is not None:
-            dx_NKD = _unpermute(dxs_PD, plan.inv_NK, K)
+        if need_x:
+            dx_NKD = _unpermute(torch._grouped_mm(dh_PF, W1, offs=offs), plan.inv_NK, K)
             dx_ND = dx_NKD.sum(1) if dtype == torch.float32 else dx_NKD.sum(1, dtype=torch.float32).to(dtype)
-        return dx_ND, d_gate_up, d_down, gw_NK, None, None
+        return dx_ND, d_W1, d_W2, gw_NK, None
 
 
 def _autograd_dispatch(x_ND, gate_up_EFD, down_EDI, w_NK, plan: DispatchPlan) -> torch.Tensor:  # noqa: ANN001
@@ -357,12 +394,20 @@ class RoutedExperts(nn.Module):
             return x_ND * 0 + zero, plan.dropped
         backend = self.backend_for(x_ND)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w_NK, W1, W2))
-        if not grad:
-            y = _forward_nograd(x_ND, W1, W2, w_NK, plan, "gmm" if backend == "autograd" else backend)
+        if backend in ("gmm", "autograd") and not grad:
+            y = _grouped_nograd(x_ND, W1, W2, w_NK, plan)
         elif backend == "autograd":
             y = _autograd_dispatch(x_ND, W1, W2, w_NK, plan)
+        elif backend == "gmm":
+            y = _GroupedFn.apply(x_ND, W1, W2, w_NK, plan)
         else:
-            y = _RoutedExpertsFn.apply(x_ND, W1, W2, w_NK, plan, backend)
+            workers = torch.get_num_threads() if backend == "threads" else 1
+            if grad:
+                y = _SegmentFn.apply(x_ND, W1, W2, w_NK, plan, workers)
+            else:  # not through apply: ctx.needs_input_grad is True under no_grad, we must not save
+                chunks = _segment_chunks(plan.counts_E.tolist(), workers)
+                w_P = w_NK.reshape(-1).index_select(0, plan.order_P)
+                y, _ = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=False)
         return y, plan.dropped
 
     def extra_repr(self) -> str:
@@ -370,10 +415,12 @@ class RoutedExperts(nn.Module):
 
 
 @torch.no_grad()
-def _forward_nograd(x_ND, gate_up_EFD, down_EDI, w_NK, plan: DispatchPlan, backend: str) -> torch.Tensor:  # noqa: ANN001
-    xs_PD = x_ND.index_select(0, plan.tok_P)
-    ys_PD, _, _ = _Experts(gate_up_EFD, down_EDI, plan, backend).forward(xs_PD, save=False)
-    del xs_PD
+def _grouped_nograd(x_ND, W1, W2, w_NK, plan: DispatchPlan) -> torch.Tensor:  # noqa: ANN001
+    I, offs = W2.shape[-1], plan.offs_E
+    h_PF = torch._grouped_mm(x_ND.index_select(0, plan.tok_P), W1.transpose(-2, -1), offs=offs)
+    a_PI = F.silu(h_PF[:, :I], inplace=True).mul_(h_PF[:, I:])  # in place: no extra [P, I] buffers
+    ys_PD = torch._grouped_mm(a_PI, W2.transpose(-2, -1), offs=offs)
+    del h_PF, a_PI
     return _combine(_unpermute(ys_PD, plan.inv_NK, w_NK.shape[1]), w_NK).to(x_ND.dtype)
 
 

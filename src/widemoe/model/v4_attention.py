@@ -42,6 +42,8 @@ from widemoe.model.layers import RMSNorm, rope_inv_freq
 from widemoe.model.v4_cache import CompressorState, V4LayerCache
 
 SLIDING, CSA, HCA = V4_LAYER_TYPES
+# (entries, bias or None, indexer scores or None, future mask) of `V4Attention._compressed`
+_Compressed = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]
 
 
 @dataclass
@@ -189,7 +191,8 @@ class V4Attention(nn.Module):
         elif self.layer_type == HCA:
             self.compressor = Compressor(config, d, config.compress_rate_hca, overlap=False)
         self.register_buffer("compress_inv_freq", v4_inv_freq(config, "compress"), persistent=False)
-        self.last_index_loss: torch.Tensor | None = None
+        self.last_index_loss: torch.Tensor | None = None  # indexer objective of the last training forward
+        self.last_index_recall: float | None = None  # and the indexer's top-k recall (see `_recall`)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature of nn.Module._apply
         super()._apply(fn, recurse)  # the rope table stays fp32 through model.to(bf16)
@@ -198,21 +201,25 @@ class V4Attention(nn.Module):
         return self
 
     # --- masks -------------------------------------------------------------------------------------
-    def _window_bias(self, ctx: V4Context, T: int, S: int, device: torch.device) -> torch.Tensor:
+    def _window_bias(self, ctx: V4Context, T: int, S: int, device: torch.device) -> torch.Tensor | None:
         """Additive ``[B, T, S]`` bias: key slot j (the S keys are slots past+T-S .. past+T-1) is open to
         query slot i iff i - W < j <= i and j is not padding."""
-        q_slot = torch.arange(ctx.past, ctx.past + T, device=device)
+        B = ctx.position_ids.shape[0]
         k_slot = torch.arange(ctx.past + T - S, ctx.past + T, device=device)
+        if T == 1 and S <= self.window:  # decoding: the cache keeps exactly the keys inside the window
+            if ctx.pad_mask_BS is None:
+                return None
+            return _neg_inf_where(~ctx.pad_mask_BS[:, k_slot].bool()[:, None, :])
+        q_slot = torch.arange(ctx.past, ctx.past + T, device=device)
         ok_TS = (k_slot[None] <= q_slot[:, None]) & (k_slot[None] > q_slot[:, None] - self.window)
         ok = ok_TS[None]
         if ctx.pad_mask_BS is not None:
             ok = ok & ctx.pad_mask_BS[:, k_slot].bool()[:, None, :]
-        B = ctx.position_ids.shape[0]
         zero = torch.zeros((), device=device)
         return torch.where(ok, zero, float("-inf")).expand(B, T, S)
 
-    def _compressed(self, x_BTD: torch.Tensor, q_res: torch.Tensor, ctx: V4Context, cache: V4LayerCache | None,
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    def _compressed(self, x_BTD: torch.Tensor, q_res: torch.Tensor, ctx: V4Context,
+                    cache: V4LayerCache | None) -> _Compressed:
         """(entries [B, N, d], bias [B, T, N] or None = all open, indexer scores [B, T, N] when the
         indexer objective needs them, future mask [B, T, N])."""
         comp = self.compressor
@@ -238,6 +245,10 @@ class V4Attention(nn.Module):
         scores = idx.scores(xi, qi, cos, sin, ikeys) if (idx.topk < N or want_loss) else None
         if idx.topk >= N:  # every visible entry is picked: the indexer changes nothing
             keep_BTN = ~future_BTN
+        elif T == 1 and not want_loss:  # decoding: gather the picked entries instead of masking the rest
+            top_Bk = scores.masked_fill(future_BTN, float("-inf")).topk(idx.topk, dim=-1).indices[:, 0]
+            picked = entries.gather(1, top_Bk[..., None].expand(-1, -1, entries.shape[-1]))
+            return picked, _neg_inf_where(future_BTN.gather(-1, top_Bk[:, None])), None, future_BTN
         else:
             top_BTk = scores.detach().masked_fill(future_BTN, float("-inf")).topk(idx.topk, dim=-1).indices
             keep_BTN = torch.zeros((B, T, N), dtype=torch.bool, device=x_BTD.device)
@@ -260,14 +271,17 @@ class V4Attention(nn.Module):
         if self.compressor is not None:
             entries, cbias, scores_idx, future = self._compressed(x_BTD, q_res, ctx, cache)
             if entries.shape[1]:
+                if bias is not None or cbias is not None:
+                    bias = bias if bias is not None else x_BTD.new_zeros((B, T, keys.shape[1]), dtype=torch.float32)
+                    cbias = cbias if cbias is not None else bias.new_zeros((B, T, entries.shape[1]))
+                    bias = torch.cat([bias, cbias.to(bias.dtype)], dim=-1)
                 keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
-                cbias = cbias if cbias is not None else bias.new_zeros((B, T, entries.shape[1]))
-                bias = torch.cat([bias, cbias.to(bias.dtype)], dim=-1)
             if scores_idx is not None:
                 self.last_index_loss = self._index_loss(q, entries, future, scores_idx)
         # One shared K=V head: fold the H query heads into the query axis, no key copies.
         logits = torch.matmul(q.reshape(B, T * H, d), keys.transpose(1, 2)).view(B, T, H, -1) * self.scale
-        logits = logits + bias[:, :, None, :].to(logits.dtype)
+        if bias is not None:
+            logits = logits + bias[:, :, None, :].to(logits.dtype)
         sink = self.sinks.to(logits.dtype).view(1, 1, H, 1).expand(B, T, H, 1)
         combined = torch.cat([logits, sink], dim=-1)
         combined = combined - combined.amax(dim=-1, keepdim=True)
@@ -293,7 +307,23 @@ class V4Attention(nn.Module):
         logp = scores_BTN.masked_fill(future_BTN, float("-inf")).log_softmax(-1)
         logp = logp.masked_fill(future_BTN, 0.0)
         kl = (target * (torch.log(target.clamp_min(1e-30)) - logp)).sum(-1)
+        self.last_index_recall = _recall(scores_BTN.detach(), target, visible)
         return kl[has].mean() if bool(has.any()) else scores_BTN.sum() * 0.0
+
+
+def _recall(scores_BTN: torch.Tensor, target_BTN: torch.Tensor, visible_BTN: torch.Tensor) -> float | None:
+    """Mean share of the main attention's k heaviest visible entries that the indexer's top-k also
+    picks, k = max(1, N // 4), over the queries that see at least 2k entries (a monitoring figure)."""
+    N = scores_BTN.shape[-1]
+    k = max(1, N // 4)
+    rows = visible_BTN.sum(-1) >= 2 * k
+    if not bool(rows.any()):
+        return None
+    s = scores_BTN.masked_fill(~visible_BTN, float("-inf"))[rows]
+    t = target_BTN.masked_fill(~visible_BTN, -1.0)[rows]
+    pick = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(k, dim=-1).indices, True)
+    best = torch.zeros_like(t, dtype=torch.bool).scatter_(-1, t.topk(k, dim=-1).indices, True)
+    return float((pick & best).sum(-1).float().mean() / k)
 
 
 def _neg_inf_where(mask: torch.Tensor) -> torch.Tensor:
