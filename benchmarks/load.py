@@ -6,7 +6,7 @@ in fresh subprocesses, one loader per process, and reports wall time and peak RS
 as the increase over the process's RSS after imports, relative to the loaded model's size (target
 <= 1.3x), and raw. Writes JSON next to the printed table.
 
-    .venv/bin/python benchmarks/load.py [--size-gb 1.0] [--out benchmarks/load.json] [--keep DIR]
+    .venv/bin/python benchmarks/load.py [--size-gb 1.0] [--out benchmarks/results/load.json] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def run_child(loader: str, path: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.0)
-    ap.add_argument("--out", type=Path, default=Path(__file__).with_suffix(".json"))
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "load.json")
     ap.add_argument("--keep", type=Path, default=None, help="build the checkpoints here and keep them")
     ap.add_argument("--repeat", type=int, default=2, help="loads per loader (best time, max RSS reported)")
     ap.add_argument("--child", nargs=2, metavar=("LOADER", "DIR"), help=argparse.SUPPRESS)

@@ -21,7 +21,7 @@ def test_generate_on_random_preset(capsys):
 
 
 def test_generate_refuses_a_model_that_cannot_fit(capsys):
-    with pytest.raises(SystemExit, match="671.*does not fit"):
+    with pytest.raises(SystemExit, match="deepseek-v3 has 682.6B parameters.*does not fit"):
         main(["generate", "deepseek-v3", "x"])
 
 

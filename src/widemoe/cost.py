@@ -378,7 +378,28 @@ def attention_flops_per_token(c: ModelConfig, seq_len: int, causal: bool = True)
     d_qk = c.qk_head_dim
     d_v = c.v_head_dim if c.is_mla else c.gqa_head_dim
     ctx = (seq_len + 1) / 2 if causal else seq_len
+    if c.is_v4:
+        return v4_attention_flops_at(c, ctx)
     return c.num_hidden_layers * 2 * H * (d_qk + d_v) * ctx
+
+
+def v4_attention_flops_at(c: ModelConfig, ctx: float) -> float:
+    """DeepSeek-V4 attention FLOPs of one query that sees `ctx` earlier tokens (all layers): scores and
+    values over min(ctx, W) window keys plus min(index_topk, ctx/m) CSA or ctx/m' HCA entries, and the
+    CSA indexer's scan of all ctx/m index keys (Hi·ci MACs each). Causal means use the mean context
+    (T+1)/2, which is exact for the linear terms and close for the min() terms."""
+    H, d = c.num_attention_heads, c.gqa_head_dim
+    total = 0.0
+    for t in c.v4_layer_types:
+        keys = min(ctx, c.sliding_window)
+        if t == "compressed_sparse_attention":
+            entries = ctx / c.compress_rate_csa
+            keys += min(c.index_topk, entries)
+            total += 2 * c.index_n_heads * c.index_head_dim * entries
+        elif t == "heavily_compressed_attention":
+            keys += ctx / c.compress_rate_hca
+        total += 2 * H * 2 * d * keys  # K = V: scores and values both over d channels
+    return total
 
 
 @dataclass(frozen=True)
@@ -689,6 +710,7 @@ __all__ = [
     "computed_quantity", "count_params", "flops_per_token", "get_gpu", "gpu_hours",
     "implied_mfu", "kv_bytes", "kv_elements_per_token_layer", "kv_uncompressed_elements_per_token_layer",
     "load_config", "mtp_redundant_copies", "parse_amount", "parse_context", "serving_gpus",
-    "training_bytes_per_gpu", "training_flops", "v3_implied_mfu", "v4_kv_elements", "v4_kv_growth_per_token",
+    "training_bytes_per_gpu", "training_flops", "v3_implied_mfu", "v4_attention_flops_at", "v4_kv_elements",
+    "v4_kv_growth_per_token",
     "weight_bytes",
 ]

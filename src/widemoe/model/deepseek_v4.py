@@ -39,15 +39,17 @@ from widemoe.model.experts import RoutedExperts
 from widemoe.model.layers import RMSNorm
 from widemoe.model.moe import MoE, RoutingInfo
 from widemoe.model.router import RouterOutput
-from widemoe.model.v4_attention import V4Attention, V4Context, unweighted_rms, v4_inv_freq
+from widemoe.model.v4_attention import KeepFp32, V4Attention, V4Context, unweighted_rms, v4_inv_freq
 from widemoe.model.v4_cache import V4Cache, V4LayerCache
 
 # ------------------------------------------------------------------------------------------------
 # Hyper-connections
 
 
-class HyperConnection(nn.Module):
+class HyperConnection(KeepFp32, nn.Module):
     """One mHC site: ``forward(X) -> (post [B,T,n], comb [B,T,n,n], collapsed [B,T,D])``."""
+
+    FP32_PARAMS = ("fn", "base", "scale")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -107,8 +109,10 @@ def hc_expand(X_BTnD: torch.Tensor, y_BTD: torch.Tensor, post: torch.Tensor,
     return post.to(dt).unsqueeze(-1) * y_BTD.unsqueeze(-2) + mixed
 
 
-class HyperHead(nn.Module):
+class HyperHead(KeepFp32, nn.Module):
     """Final collapse of the streams before the last norm (no Sinkhorn)."""
+
+    FP32_PARAMS = ("hc_fn", "hc_base", "hc_scale")
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

@@ -146,49 +146,78 @@ def _segment_chunks(counts: list[int], workers: int) -> list[list[tuple[int, int
     return [c for c in chunks if c]
 
 
-def _run_chunks(fn: Callable[[int, int, int, int], None], chunks: list[list[tuple[int, int, int]]]) -> None:
-    """Call fn(chunk_idx, e, start_row, n_rows) for every job; one worker thread per chunk."""
-    if len(chunks) <= 1:
-        for i, chunk in enumerate(chunks):
-            for job in chunk:
-                fn(i, *job)
+def _parallel(fn: Callable[[int], None], n: int) -> None:
+    """Run fn(0..n-1), one worker thread each when n > 1."""
+    if n <= 1:
+        for i in range(n):
+            fn(i)
         return
     inference = torch.is_inference_mode_enabled()
 
-    def run(i: int, chunk: list[tuple[int, int, int]]) -> None:
+    def run(i: int) -> None:
         # grad mode is thread-local: without this, W[e] on a parameter would record autograd in the worker
         with torch.inference_mode() if inference else torch.no_grad():
-            for job in chunk:
-                fn(i, *job)
+            fn(i)
 
-    pool = _expert_pool(len(chunks))
-    for f in [pool.submit(run, i, c) for i, c in enumerate(chunks)]:
+    pool = _expert_pool(n)
+    for f in [pool.submit(run, i) for i in range(n)]:
         f.result()
 
 
+def _run_chunks(fn: Callable[[int, int, int, int], None], chunks: list[list[tuple[int, int, int]]]) -> None:
+    """Call fn(chunk_idx, e, start_row, n_rows) for every job; one worker thread per chunk."""
+    def run(i: int) -> None:
+        for job in chunks[i]:
+            fn(i, *job)
+
+    _parallel(run, len(chunks))
+
+
 def _segment_forward(x_ND, W1, W2, w_P, tok_P, chunks, save: bool):  # noqa: ANN001, ANN201
-    """Fused per-expert forward; returns (y_ND, h_PF or None). `save` keeps the pre-activations."""
+    """Fused forward per chunk of experts; returns (y_ND, per-chunk pre-activations h or None).
+
+    Inside a chunk, aligned CPU shapes run `_grouped_mm` over the chunk's experts (one C++ loop: no Python
+    or GIL hand-off per expert); other shapes loop over the experts. Rows, weights and outputs stay
+    chunk-local; each chunk scatter-adds into its own fp32 accumulator.
+    """
     I = W2.shape[-1]
-    h_PF = x_ND.new_empty(tok_P.numel(), 2 * I) if save else None
+    use_gmm = x_ND.device.type == "cpu" and gmm_supported(x_ND, W1.shape[-1], I)
     acc = [torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device) for _ in chunks]
+    h_chunks: list[torch.Tensor | None] = [None] * len(chunks)
 
-    def seg(c: int, e: int, s: int, n: int) -> None:
-        xs = x_ND.index_select(0, tok_P[s:s + n])
-        if save:
-            h = torch.mm(xs, W1[e].t(), out=h_PF[s:s + n])
-            a = F.silu(h[:, :I]) * h[:, I:]
+    def run(c: int) -> None:
+        jobs = chunks[c]
+        r0, r1 = jobs[0][1], jobs[-1][1] + jobs[-1][2]
+        tok = tok_P[r0:r1]
+        xs = x_ND.index_select(0, tok)
+        if use_gmm:
+            e0, e1 = jobs[0][0], jobs[-1][0] + 1
+            ends = [0] * (e1 - e0)
+            for e, s, n in jobs:
+                ends[e - e0] = s + n - r0
+            for i in range(1, len(ends)):  # empty experts inside the range: zero-length groups
+                ends[i] = max(ends[i], ends[i - 1])
+            offs = torch.tensor(ends, dtype=torch.int32, device=x_ND.device)
+            h = torch._grouped_mm(xs, W1[e0:e1].transpose(-2, -1), offs=offs)
+            a = F.silu(h[:, :I]) * h[:, I:] if save else F.silu(h[:, :I], inplace=True).mul_(h[:, I:])
+            ys = torch._grouped_mm(a, W2[e0:e1].transpose(-2, -1), offs=offs)
         else:
-            h = torch.mm(xs, W1[e].t())
-            a = F.silu(h[:, :I], inplace=True).mul_(h[:, I:])
-        ys = torch.mm(a, W2[e].t())
+            h = xs.new_empty(r1 - r0, 2 * I)
+            ys = xs.new_empty(r1 - r0, W2.shape[1])
+            for e, s, n in jobs:
+                hs = torch.mm(xs[s - r0:s - r0 + n], W1[e].t(), out=h[s - r0:s - r0 + n])
+                a = F.silu(hs[:, :I]) * hs[:, I:]
+                torch.mm(a, W2[e].t(), out=ys[s - r0:s - r0 + n])
+        if save:
+            h_chunks[c] = h
         ys = ys.float() if ys.dtype != torch.float32 else ys
-        acc[c].index_add_(0, tok_P[s:s + n], ys.mul_(w_P[s:s + n, None]))
+        acc[c].index_add_(0, tok, ys.mul_(w_P[r0:r1, None]))
 
-    _run_chunks(seg, chunks)
+    _parallel(run, len(chunks))
     y = acc[0]
     for extra in acc[1:]:
         y += extra
-    return y.to(x_ND.dtype), h_PF
+    return y.to(x_ND.dtype), (h_chunks if save else None)
 
 
 class _SegmentFn(torch.autograd.Function):
@@ -204,15 +233,16 @@ class _SegmentFn(torch.autograd.Function):
     def forward(ctx, x_ND, W1, W2, w_NK, plan: DispatchPlan, workers: int):  # noqa: ANN001, ANN205
         w_P = w_NK.reshape(-1).index_select(0, plan.order_P)
         chunks = _segment_chunks(plan.counts_E.tolist(), workers)
-        y, h_PF = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=True)
-        ctx.save_for_backward(x_ND, W1, W2, w_P, h_PF)
+        y, h_chunks = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=True)
+        ctx.save_for_backward(x_ND, W1, W2, w_P, *h_chunks)
         ctx.plan, ctx.chunks, ctx.wshape = plan, chunks, w_NK.shape
         return y
 
     @staticmethod
     def backward(ctx, gy_ND):  # noqa: ANN001, ANN205
-        x_ND, W1, W2, w_P, h_PF = ctx.saved_tensors
+        x_ND, W1, W2, w_P, *h_chunks = ctx.saved_tensors
         plan, chunks = ctx.plan, ctx.chunks
+        starts = [chunk[0][1] for chunk in chunks]
         tok_P, I, dtype = plan.tok_P, W2.shape[-1], x_ND.dtype
         need_x, need_w1, need_w2, need_w = ctx.needs_input_grad[:4]
         gy_ND = gy_ND.contiguous().to(dtype)
@@ -229,7 +259,7 @@ class _SegmentFn(torch.autograd.Function):
 
         def seg(c: int, e: int, s: int, n: int) -> None:
             tok, w = tok_P[s:s + n], w_P[s:s + n, None]
-            h = h_PF[s:s + n]
+            h = h_chunks[c][s - starts[c]:s - starts[c] + n]
             a = F.silu(h[:, :I]) * h[:, I:]
             gys = gy_ND.index_select(0, tok)  # unweighted d y of these rows
             da = torch.mm(gys, W2[e])  # = gy · W2_e, so <da, a> = <gy, ys> = d w

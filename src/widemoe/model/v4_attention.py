@@ -56,6 +56,23 @@ class V4Context:
     past: int  # tokens cached before this call
 
 
+class KeepFp32:
+    """Mixin: the parameters named in `FP32_PARAMS` stay fp32 through ``model.to(bf16)`` (transformers
+    keeps the mHC, sinks and position biases in fp32 too: `_keep_in_fp32_modules_strict`)."""
+
+    FP32_PARAMS: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - signature of nn.Module._apply
+        super()._apply(fn, recurse)  # type: ignore[misc]
+        for name in self.FP32_PARAMS:
+            p = getattr(self, name)
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+        return self
+
+
 def v4_inv_freq(config: ModelConfig, kind: str) -> torch.Tensor:
     """inv_freq of the "main" rope (rope_theta, no scaling) or the "compress" rope (compress_rope_theta
     with the config's YaRN, attention factor 1), over the r = qk_rope_head_dim rope channels."""
@@ -86,11 +103,13 @@ def unweighted_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
-class Compressor(nn.Module):
+class Compressor(KeepFp32, nn.Module):
     """Softmax-gated pooling of ``rate`` tokens into one entry (HCA), or of 2·rate slots with
     overlapping windows (CSA and the indexer): entry w pools the first ``width`` channels ("Ca") of
     window w-1 and the last ``width`` ("Cb") of window w, per channel. Window 0 of a sequence has no
     predecessor (gate -inf); with a cache the predecessor's Ca half is carried in ``prior_*``."""
+
+    FP32_PARAMS = ("position_bias",)
 
     def __init__(self, config: ModelConfig, width: int, rate: int, overlap: bool) -> None:
         super().__init__()
@@ -195,7 +214,9 @@ class V4Attention(nn.Module):
         self.last_index_recall: float | None = None  # and the indexer's top-k recall (see `_recall`)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature of nn.Module._apply
-        super()._apply(fn, recurse)  # the rope table stays fp32 through model.to(bf16)
+        super()._apply(fn, recurse)  # the rope table and the sinks stay fp32 through model.to(bf16)
+        if self.sinks.dtype != torch.float32:
+            self.sinks.data = self.sinks.data.float()
         if self.compress_inv_freq.dtype != torch.float32:
             self.compress_inv_freq = v4_inv_freq(self.config, "compress").to(self.compress_inv_freq.device)
         return self
@@ -272,17 +293,20 @@ class V4Attention(nn.Module):
             entries, cbias, scores_idx, future = self._compressed(x_BTD, q_res, ctx, cache)
             if entries.shape[1]:
                 if bias is not None or cbias is not None:
-                    bias = bias if bias is not None else x_BTD.new_zeros((B, T, keys.shape[1]), dtype=torch.float32)
+                    if bias is None:
+                        bias = x_BTD.new_zeros((B, T, keys.shape[1]), dtype=torch.float32)
                     cbias = cbias if cbias is not None else bias.new_zeros((B, T, entries.shape[1]))
                     bias = torch.cat([bias, cbias.to(bias.dtype)], dim=-1)
                 keys = torch.cat([keys, entries.to(keys.dtype)], dim=1)
             if scores_idx is not None:
                 self.last_index_loss = self._index_loss(q, entries, future, scores_idx)
         # One shared K=V head: fold the H query heads into the query axis, no key copies.
-        logits = torch.matmul(q.reshape(B, T * H, d), keys.transpose(1, 2)).view(B, T, H, -1) * self.scale
+        # softmax in fp32 (with the fp32 sinks), also in a bf16 model
+        logits = torch.matmul(q.reshape(B, T * H, d), keys.transpose(1, 2)).view(B, T, H, -1)
+        logits = logits.float() * self.scale
         if bias is not None:
-            logits = logits + bias[:, :, None, :].to(logits.dtype)
-        sink = self.sinks.to(logits.dtype).view(1, 1, H, 1).expand(B, T, H, 1)
+            logits = logits + bias[:, :, None, :]
+        sink = self.sinks.float().view(1, 1, H, 1).expand(B, T, H, 1)
         combined = torch.cat([logits, sink], dim=-1)
         combined = combined - combined.amax(dim=-1, keepdim=True)
         probs = combined.softmax(dim=-1)[..., :-1]
@@ -331,4 +355,5 @@ def _neg_inf_where(mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, device=mask.device).masked_fill(mask, float("-inf"))
 
 
-__all__ = ["Compressor", "Indexer", "V4Attention", "V4Context", "rope_tail", "unweighted_rms", "v4_inv_freq"]
+__all__ = ["Compressor", "Indexer", "KeepFp32", "V4Attention", "V4Context", "rope_tail", "unweighted_rms",
+           "v4_inv_freq"]
