@@ -103,3 +103,13 @@ def test_cache_select_keeps_rows(pair) -> None:  # noqa: ANN001
         step = wm(ids[1:, 20:23], cache=cache).logits
         ref = wm(ids[1:]).logits[:, 20:]
     assert (step - ref).abs().max().item() < 1e-5
+
+
+def test_batched_generate_longest_row_equals_solo(pair) -> None:  # noqa: ANN001
+    # Left padding: the longest prompt's row has no padding, so it must match its solo run. (Shorter
+    # rows pool pad tokens into their compressed entries, as transformers does: see the report.)
+    _, wm = pair
+    long, short = make_ids(wm.config, 1, 13)[0].tolist(), make_ids(wm.config, 1, 5, seed=2)[0].tolist()
+    both = generate(wm, [long, short], max_new_tokens=6)
+    assert both[0] == generate(wm, [long], max_new_tokens=6)[0]
+    assert len(both[1]) == 6

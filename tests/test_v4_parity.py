@@ -162,3 +162,29 @@ def test_hf_default_schedule_and_sliding_only_model() -> None:
         assert (wm(ids).logits - hf(input_ids=ids).logits).abs().max().item() < 1e-5
     d = tiny_v4_config().replace(layer_types=(), num_hidden_layers=4)
     assert d.v4_layer_types == (HCA, HCA, HCA, CSA)
+
+
+def test_swiglu_clamp_matches_transformers_when_it_binds() -> None:
+    # Experts and shared expert weights x40: their gate/up activations exceed swiglu_limit=10, so the
+    # clamp decides the output (routed experts and shared expert alike).
+    c = tiny_v4_config(index_topk=64)
+    hf, wm = hf_pair(c)
+    with torch.no_grad():
+        for model in (hf, wm):
+            for layer in model.model.layers:
+                layer.mlp.experts.gate_up_proj.mul_(40)
+                layer.mlp.shared_experts.gate_proj.weight.mul_(40)
+                layer.mlp.shared_experts.up_proj.weight.mul_(40)
+        ids = make_ids(c, 2, 30)
+        ref, out = hf(input_ids=ids).logits, wm(ids).logits
+        tol = 1e-4 * ref.abs().max().item()
+        for layer in wm.model.layers:  # guard: without the clamps the logits differ
+            layer.mlp.experts.limit = layer.mlp.shared_experts.limit = None
+        unclamped = wm(ids).logits
+        for layer in wm.model.layers:
+            layer.mlp.experts.limit = layer.mlp.shared_experts.limit = c.swiglu_limit
+    out_train = wm.train()(ids).logits  # the autograd dispatch clamps too
+    wm.eval()
+    assert (out - ref).abs().max().item() < tol
+    assert (out_train.detach() - ref).abs().max().item() < tol
+    assert (unclamped - ref).abs().max().item() > 100 * tol

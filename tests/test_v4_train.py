@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from test_v4_parity import CSA, SW, make_ids, tiny_v4_config
@@ -75,3 +76,24 @@ def test_shared_expert_swiglu_clamp() -> None:
     assert torch.allclose(mlp(x), want)
     free = mlp.down_proj(torch.nn.functional.silu(g) * u)
     assert not torch.allclose(mlp(x), free)
+
+
+def test_mtp_block_trains() -> None:
+    c = tiny_v4_config(layer_types=[SW, CSA], num_hash_layers=1, num_nextn_predict_layers=1)
+    torch.manual_seed(0)
+    m = WideMoeForCausalLM(c).train()
+    ids = make_ids(c, 2, 25)
+    out = m(ids[:, :-1], labels=ids[:, 1:])
+    assert out.mtp_loss is not None and len(out.routing) == 3  # two layers + the MTP block
+    out.loss.backward()
+    mtp = m.model.mtp[0]
+    for p in (mtp.e_proj.weight, mtp.h_proj.weight, mtp.hc_head.hc_fn, mtp.block.attn_hc.fn,
+              mtp.block.self_attn.q_a_proj.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_hash_layer_needs_token_ids() -> None:
+    c = tiny_v4_config(num_hash_layers=1)
+    gate = WideMoeForCausalLM(c).model.layers[0].mlp.gate
+    with pytest.raises(ValueError, match="token ids"):
+        gate(torch.randn(3, c.hidden_size))

@@ -519,6 +519,7 @@ _PRESETS["v4-tiny"] = {
     "max_position_embeddings": 16384 + 1024, "layer_types": (_V4_SW, _V4_CSA, _V4_HCA, _V4_CSA),
     "sliding_window": 64, "o_groups": 2, "o_lora_rank": 64, "index_n_heads": 4, "index_head_dim": 32,
     "index_topk": 64, "num_hash_layers": 1, "bos_token_id": None, "eos_token_id": 0,
+    "index_loss_coef": 1.0,  # train the lightning indexer too (transformers' V4 leaves it without gradient)
 }
 
 PRESET_NAMES: tuple[str, ...] = tuple(_PRESETS)

@@ -181,6 +181,8 @@ _WIDEMOE_ONLY = (
 def detect_family(hf: dict[str, Any], *, source: str = "config.json") -> str:
     """The widemoe family of an HF config, from ``model_type`` and then ``architectures``."""
     mt = hf.get("model_type")
+    if mt == "deepseek_v4" or "DeepseekV4ForCausalLM" in (hf.get("architectures") or []):
+        return "deepseek_v4"  # its own mapping: widemoe.hf.deepseek_v4
     if mt in _MODEL_TYPE_TO_FAMILY:
         return _MODEL_TYPE_TO_FAMILY[mt]
     for arch in hf.get("architectures") or []:
@@ -239,6 +241,10 @@ def _rope_from_hf(hf: dict[str, Any], family: str, max_pos: int, source: str) ->
 def hf_to_model_config(hf: dict[str, Any], *, source: str = "config.json") -> tuple[ModelConfig, list[str]]:
     """Map an HF config.json dict onto ModelConfig. Returns (config, notices)."""
     family = detect_family(hf, source=source)
+    if family == "deepseek_v4":
+        from widemoe.hf.deepseek_v4 import v4_config_from_hf
+
+        return v4_config_from_hf(hf, source=source)
     D = _DEFAULTS[family]
     notices: list[str] = []
     used: set[str] = set()
@@ -436,6 +442,10 @@ def model_config_to_hf(cfg: ModelConfig, *, dtype: str | None = None) -> dict[st
     Raises ConfigError naming the field when the config uses something the target family's
     transformers implementation cannot express (e.g. softmax routing in a deepseek_v3 model).
     """
+    if cfg.is_v4:
+        from widemoe.hf.deepseek_v4 import v4_config_to_hf
+
+        return v4_config_to_hf(cfg, dtype=dtype)
     fam = export_family(cfg)
 
     def need(ok: bool, msg: str) -> None:

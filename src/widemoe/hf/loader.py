@@ -262,7 +262,16 @@ def plan_load(
     ignore: Iterable[str] = (),
     path: str = "checkpoint",
 ) -> tuple[list[Read], list[Verify], LoadReport]:
-    """Map every source tensor to a destination and check the books; raise LoadError on any gap."""
+    """Map every source tensor to a destination and check the books; raise LoadError on any gap.
+
+    DeepSeek-V4 has its own names and formats: its accounting runs in `widemoe.hf.deepseek_v4.plan_v4`
+    and only the report comes back here (`load_into` executes V4 loads there too).
+    """
+    if cfg.is_v4:
+        from widemoe.hf.deepseek_v4 import plan_v4
+
+        _, v4_report = plan_v4(targets, table, block=fp8.block if fp8 else None, ignore=ignore, path=path)
+        return [], [], v4_report
     pats = [re.compile(p) for p in ignore]
     ignored = lambda k: any(p.search(k) for p in pats)  # noqa: E731
     report = LoadReport(path)
@@ -460,6 +469,10 @@ def load_into(
     fp8 = fp8mod.parse_quantization_config(hf.get("quantization_config"), source=str(path / "config.json"))
     if table is None:
         table = read_tensor_table(path, find_weight_files(path))
+    if cfg.is_v4:  # native / transformers names, FP8 + FP4 experts
+        from widemoe.hf.deepseek_v4 import load_v4_into
+
+        return load_v4_into(model, path, cfg, hf, table, ignore=ignore)
     targets = model_targets(model)
     reads, verifies, report = plan_load(
         cfg,
@@ -568,7 +581,8 @@ def load_pretrained(
     fp8mod.parse_quantization_config(hf.get("quantization_config"), source=str(path / "config.json"))
     table = read_tensor_table(path, find_weight_files(path))
     L = cfg.num_hidden_layers
-    if cfg.num_nextn_predict_layers and not any(layer_index(k) >= L for k in table):
+    has_mtp = any(layer_index(k) >= L or re.match(r"^(model\.)?mtp\.", k) for k in table)
+    if cfg.num_nextn_predict_layers and not has_mtp:
         # transformers' save_pretrained drops DeepSeek MTP layers (it has no MTP module): load the main
         # model and say so once, rather than failing on a checkpoint that never had them.
         notices.append(

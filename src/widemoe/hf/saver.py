@@ -180,6 +180,10 @@ def save_pretrained(
 ) -> Path:
     """Write ``model`` as an HF directory at ``path``; returns the path."""
     cfg = model.config  # type: ignore[attr-defined]
+    if cfg.is_v4:  # DeepSeek-V4: transformers' layout (widemoe.hf.deepseek_v4.save_v4 also writes native)
+        from widemoe.hf.deepseek_v4 import save_v4
+
+        return save_v4(model, path, max_shard_size=max_shard_size, tokenizer=tokenizer)
     path = Path(path)
     hf = model_config_to_hf(cfg, dtype=_dtype_name(model))  # raises before anything is written
     write_sharded(path, [Pending.of(k, t) for k, t in hf_tensors(model)], max_shard_size)

@@ -6,10 +6,11 @@ shared/reference/cpu-performance*.md: sort the P = N·K (token, expert) pairs by
 token order is kept inside a segment), run every expert on its contiguous segment, apply the combine
 weights in fp32 and accumulate in fp32 once. Two executions of that recipe:
 
-- `_SegmentFn` (CPU default, backends "threads" / "loop"): per expert, gather its rows, both GEMMs,
-  SwiGLU, weighting and an fp32 scatter-add, fused so that no [P, D] buffer exists and each expert's
-  working set stays in cache; experts are split between single-threaded worker threads ("threads", as
-  many as torch's intra-op threads) or run serially ("loop").
+- `_SegmentFn` (CPU default, backends "threads" / "loop"): the experts are cut into contiguous chunks of
+  about equal rows, one per single-threaded worker thread ("threads", as many as torch's intra-op
+  threads) or one chunk run inline ("loop"). Each chunk gathers its rows, runs `_grouped_mm` over its
+  experts (a per-expert loop when strides are unaligned), SwiGLU, fp32 weighting and an fp32 scatter-add
+  into a worker-private accumulator; the backward runs per expert inside the same workers.
 - `_GroupedFn` (GPU default, backend "gmm"): whole sorted buffers through `torch._grouped_mm` (needs
   16-byte-aligned strides), un-permute gather + one fp32 batched GEMV to combine.
 
@@ -19,13 +20,16 @@ zero-fills a tensor the size of the whole parameter: 40x slower backward at E=25
 §5). Experts that receive no tokens get exactly-zero gradients. "autograd" (plain autograd through
 `_grouped_mm` + `index_add`) is kept as a benchmark baseline.
 
-Why "threads" on CPU: measured side by side on the shared 2-core machine (benchmarks/moe_layer.py and
-ad-hoc runs, median of 3-7 round-robin reps, machine load 5-8), config a (d512 E64 k8 I256, T=2048):
-fp32 forward 0.63x dense ("threads") vs 0.27x (`_grouped_mm`); fp32 forward+backward 0.65x vs 0.14x;
-bf16 b forward+backward 0.35x vs 0.15x. Each small GEMM under 2-thread OpenMP waits at a barrier for a
-descheduled partner on a busy machine (2-thread 512x256 GEMMs: 6 GFLOP/s, 1-thread: 20-30), while
-single-threaded workers have no per-GEMM barrier. On an idle machine the reference doc found
-`_grouped_mm` and a per-expert loop within a few percent of each other.
+Why "threads" on CPU (measured side by side, median of 3-7 round-robin reps, T=2048, 2 threads, on the
+project's shared 2-core Xeon with AMX; see benchmarks/moe_layer.py):
+- busy machine (load 5-8, the usual state here): "threads" vs `_grouped_mm`, config a fp32 forward 0.63x
+  vs 0.27x of dense, forward+backward 0.65x vs 0.14x; config b bf16 forward+backward 0.35x vs 0.15x. Each
+  small GEMM under 2-thread OpenMP waits at a barrier for a descheduled partner (2-thread 512x256 GEMMs:
+  6 GFLOP/s, 1-thread: 20-30); single-threaded workers have no per-GEMM barrier.
+- quiet machine (load ~2): fp32 within 5-10% of `_grouped_mm` (a fwd 0.72 vs 0.75, b fwd 0.64 vs 0.61,
+  b fwd+bwd 0.65 vs 0.66), bf16 20-30% behind it (a fwd 0.35 vs 0.46). Set `impl="gmm"` on a dedicated
+  machine running bf16. In bf16 the AMX GEMMs (~550 GFLOP/s per core) are so fast that the memory-bound
+  gather / SwiGLU / fp32-combine passes dominate any unfused dispatch.
 
 Optional capacity (Switch Transformer / GShard): each expert keeps its first `capacity` pairs in token
 order, overflow pairs are dropped (their token gets no contribution from that expert). The MoE block
@@ -221,9 +225,8 @@ def _segment_forward(x_ND, W1, W2, w_P, tok_P, chunks, save: bool):  # noqa: ANN
 
 
 class _SegmentFn(torch.autograd.Function):
-    """Per-expert fused path (CPU): each expert's gather, GEMMs, SwiGLU, weighting and fp32 scatter-add run
-    on its contiguous segment inside one worker, so no [P, D] buffer is ever built and every expert's
-    working set stays in cache. Workers accumulate into private fp32 [N, D] buffers summed at the end.
+    """Chunked expert-parallel path (CPU): each worker thread gathers its chunk's rows, runs its experts,
+    weights in fp32 and scatter-adds into a private fp32 [N, D] accumulator; accumulators are summed.
 
     Saved: x, the sorted weights and the pre-activations h [P, 2I]; the backward re-gathers x per segment,
     recomputes a = silu(g)·u, and gets the routing-weight gradient as <gy·W2_e, a> without keeping ys.

@@ -20,9 +20,11 @@ RoPE here keeps the interleaved layout (``x*cos + rotate_pairs(x)*sin``, transfo
 
 The indexer's own objective (widemoe; transformers leaves the indexer without gradient): in training,
 with ``index_loss_coef > 0``, `last_index_loss` holds KL(main || indexer), where "main" is the main
-attention's probability over the visible compressed entries (summed over heads, renormalised, no
-grad) and "indexer" the softmax of the indexer scores over the same entries, computed from detached
-inputs, so only the indexer's parameters learn from it (DeepSeek-V3.2's DSA warm-up objective).
+attention's distribution over ALL visible compressed entries (each head's softmax of q·k/sqrt(d) over
+them, averaged over heads, no grad; dense even when top-k < entries, as DeepSeek-V3.2's DSA warm-up)
+and "indexer" the softmax of the indexer scores over the same entries, computed from detached inputs,
+so only the indexer's parameters learn from it. `last_index_recall` monitors the indexer's top-k
+recall of the main attention's heaviest entries.
 
 Shapes: B batch, T new tokens, P cached window keys, S = P + T, N compressed entries, H heads,
 d head width, r rope width, D hidden, q q_lora_rank, Hi/ci indexer heads/width, C projected channels.
