@@ -163,11 +163,18 @@ _CUSTOM = {
 }
 
 
+def _counted_experts(m: WideMoeForCausalLM) -> WideMoeForCausalLM:
+    """FlopCounterMode is thread-local: run the experts on the calling thread so their FLOPs are seen."""
+    for block in m.moe_blocks():
+        block.experts.impl = "gmm"
+    return m
+
+
 @pytest.mark.parametrize("name", ["micro", "gqa-full-norm", "gqa-bias-tied"])
 def test_forward_flops_match_flop_counter(name: str) -> None:
     c = get_preset("micro") if name == "micro" else VARIANTS[name]
     torch.manual_seed(0)
-    m = WideMoeForCausalLM(c).eval()
+    m = _counted_experts(WideMoeForCausalLM(c).eval())
     B, T = 2, 24
     x = torch.randint(0, c.vocab_size, (B, T))
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:
@@ -190,7 +197,7 @@ def test_forward_flops_match_flop_counter(name: str) -> None:
 def test_training_flops_match_flop_counter_with_mtp() -> None:
     c = get_preset("micro")
     torch.manual_seed(0)
-    m = WideMoeForCausalLM(c).train()
+    m = _counted_experts(WideMoeForCausalLM(c).train())
     B, T = 2, 16
     x = torch.randint(0, c.vocab_size, (B, T))
     with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as fc:

@@ -88,3 +88,33 @@ def test_cost_reproduces_published_counts_and_kv() -> None:
     assert 6.70 < gib < 6.75  # ≈ 6.72 GiB compressed + ~5 MiB of sliding windows
     v3 = kv_bytes(get_preset("deepseek-v3"), 1 << 20, 1, "bf16") / 2**30
     assert gib < 0.1 * v3
+
+
+@pytest.mark.parametrize("impl", ["loop", "threads", "gmm", "autograd"])
+def test_routed_swiglu_clamp_on_every_path(impl: str) -> None:
+    # D=32, I=16: aligned for _grouped_mm; weights large enough that about half the activations clamp.
+    from widemoe.model.experts import reference_moe
+
+    c = get_preset("v4-tiny").replace(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4,
+                                      num_experts_per_tok=2, swiglu_limit=1.0)
+    torch.manual_seed(0)
+    ex = RoutedExperts(c)
+    ex.impl = impl
+    with torch.no_grad():
+        ex.gate_up_proj.normal_(0, 0.5)
+    x = torch.randn(24, 32, requires_grad=True)
+    ids = torch.stack([torch.randperm(4)[:2] for _ in range(24)])
+    w = torch.rand(24, 2, requires_grad=True)
+    assert (x @ ex.gate_up_proj[0].t()).abs().gt(1.0).float().mean() > 0.2  # the clamp binds
+    y, _ = ex(x, ids, w)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, ex.gate_up_proj, ex.down_proj), g)
+    ref = reference_moe(x, ex.gate_up_proj, ex.down_proj, ids, w, swiglu_limit=1.0)
+    ref_grads = torch.autograd.grad(ref, (x, w, ex.gate_up_proj, ex.down_proj), g)
+    assert (y - ref).abs().max().item() < 1e-5
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert (a - b).abs().max().item() < 1e-4
+    with torch.no_grad():  # and the no-grad paths
+        assert (ex(x, ids, w)[0] - ref).abs().max().item() < 1e-5
+    unclamped = reference_moe(x, ex.gate_up_proj, ex.down_proj, ids, w)
+    assert (unclamped - ref).abs().max().item() > 1e-2

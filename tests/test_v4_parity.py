@@ -179,10 +179,10 @@ def test_swiglu_clamp_matches_transformers_when_it_binds() -> None:
         ref, out = hf(input_ids=ids).logits, wm(ids).logits
         tol = 1e-4 * ref.abs().max().item()
         for layer in wm.model.layers:  # guard: without the clamps the logits differ
-            layer.mlp.experts.limit = layer.mlp.shared_experts.limit = None
+            layer.mlp.experts.swiglu_limit = layer.mlp.shared_experts.limit = None
         unclamped = wm(ids).logits
         for layer in wm.model.layers:
-            layer.mlp.experts.limit = layer.mlp.shared_experts.limit = c.swiglu_limit
+            layer.mlp.experts.swiglu_limit = layer.mlp.shared_experts.limit = c.swiglu_limit
     out_train = wm.train()(ids).logits  # the autograd dispatch clamps too
     wm.eval()
     assert (out - ref).abs().max().item() < tol

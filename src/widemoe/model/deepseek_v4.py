@@ -207,53 +207,26 @@ class ClampedSwiGLU(nn.Module):
 
 
 class V4Experts(RoutedExperts):
-    """`RoutedExperts` plus V4's SwiGLU clamp and a decoding fast path.
-
-    - Decoding (a few token-expert pairs, no autograd): the chosen experts' weights are gathered and
-      applied with two batched matmuls (~10 tensor ops instead of a dispatch plan and one segment per
-      expert).
-    - The clamp (``swiglu_limit``): used by the parent's dispatch once experts.py honours the option
-      (a ``swiglu_limit`` attribute); until then a clamped sort-once segment loop here (exact, plain
-      autograd; slower in training at large E) keeps V4 correct whenever the clamp could bind.
-    """
+    """`RoutedExperts` (which applies V4's SwiGLU clamp, `swiglu_limit`, on every dispatch path) with a
+    decoding fast path: for a few token-expert pairs without autograd, the chosen experts' weights are
+    gathered and applied with two batched matmuls (~10 tensor ops instead of a dispatch plan and one
+    segment per expert). Same math, clamp included."""
 
     FAST_MAX_PAIRS = 16
-
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__(config)
-        self.limit = config.swiglu_limit
-        self._parent_clamps = hasattr(self, "swiglu_limit")
-
-    def _act(self, h_PF: torch.Tensor) -> torch.Tensor:
-        g, u = h_PF.chunk(2, dim=-1)
-        if self.limit is not None:
-            g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
-        return F.silu(g) * u
 
     def forward(self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor,
                 capacity: int | None = None) -> tuple[torch.Tensor, int]:
         N, K = topk_ids_NK.shape
         grad = torch.is_grad_enabled() and (x_ND.requires_grad or self.gate_up_proj.requires_grad)
-        fast = not grad and capacity is None and 0 < N * K <= self.FAST_MAX_PAIRS
-        if not fast and (self.limit is None or self._parent_clamps or capacity is not None or N == 0):
+        if grad or capacity is not None or not 0 < N * K <= self.FAST_MAX_PAIRS:
             return super().forward(x_ND, topk_ids_NK, topk_weights_NK, capacity)
         ids_P = topk_ids_NK.reshape(-1)
         x = x_ND.to(self.gate_up_proj.dtype)
-        if fast:
-            x_P1D = x.repeat_interleave(K, dim=0)[:, :, None]
-            h_PF = torch.matmul(self.gate_up_proj[ids_P], x_P1D).squeeze(-1)
-            y_PD = torch.matmul(self.down_proj[ids_P], self._act(h_PF)[:, :, None]).squeeze(-1)
-        else:  # clamped sort-once segment loop (see the class docstring)
-            order = ids_P.argsort(stable=True)
-            xs = x.index_select(0, order // K)
-            segs, start = [], 0
-            for e, n in enumerate(torch.bincount(ids_P, minlength=self.num_experts).tolist()):
-                if n:
-                    h = F.linear(xs[start:start + n], self.gate_up_proj[e])
-                    segs.append(F.linear(self._act(h), self.down_proj[e]))
-                    start += n
-            y_sorted = torch.cat(segs)
-            y_PD = torch.empty_like(y_sorted).index_copy(0, order, y_sorted)
+        h_PF = torch.matmul(self.gate_up_proj[ids_P], x.repeat_interleave(K, dim=0)[:, :, None]).squeeze(-1)
+        g, u = h_PF.chunk(2, dim=-1)
+        if self.swiglu_limit is not None:
+            g, u = g.clamp(max=self.swiglu_limit), u.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        y_PD = torch.matmul(self.down_proj[ids_P], (F.silu(g) * u)[:, :, None]).squeeze(-1)
         y_ND = (y_PD.float().view(N, K, -1) * topk_weights_NK.float()[..., None]).sum(dim=1)
         return y_ND.to(x_ND.dtype), 0
 

@@ -177,7 +177,16 @@ def _run_chunks(fn: Callable[[int, int, int, int], None], chunks: list[list[tupl
     _parallel(run, len(chunks))
 
 
-def _segment_forward(x_ND, W1, W2, w_P, tok_P, chunks, save: bool):  # noqa: ANN001, ANN201
+def _clamp_(h_PF: torch.Tensor, I: int, limit: float | None) -> torch.Tensor:
+    """DeepSeek-V4's SwiGLU clamp on the pre-activations, in place: gate <= limit, |up| <= limit."""
+    if limit is not None:
+        h_PF[:, :I].clamp_(max=limit)
+        h_PF[:, I:].clamp_(min=-limit, max=limit)
+    return h_PF
+
+
+def _segment_forward(x_ND, W1, W2, w_P, tok_P, chunks, save: bool,  # noqa: ANN001, ANN201
+                     limit: float | None = None):
     """Fused forward per chunk of experts; returns (y_ND, per-chunk pre-activations h or None).
 
     Inside a chunk, aligned CPU shapes run `_grouped_mm` over the chunk's experts (one C++ loop: no Python
@@ -202,14 +211,14 @@ def _segment_forward(x_ND, W1, W2, w_P, tok_P, chunks, save: bool):  # noqa: ANN
             for i in range(1, len(ends)):  # empty experts inside the range: zero-length groups
                 ends[i] = max(ends[i], ends[i - 1])
             offs = torch.tensor(ends, dtype=torch.int32, device=x_ND.device)
-            h = torch._grouped_mm(xs, W1[e0:e1].transpose(-2, -1), offs=offs)
+            h = _clamp_(torch._grouped_mm(xs, W1[e0:e1].transpose(-2, -1), offs=offs), I, limit)
             a = F.silu(h[:, :I]) * h[:, I:] if save else F.silu(h[:, :I], inplace=True).mul_(h[:, I:])
             ys = torch._grouped_mm(a, W2[e0:e1].transpose(-2, -1), offs=offs)
         else:
             h = xs.new_empty(r1 - r0, 2 * I)
             ys = xs.new_empty(r1 - r0, W2.shape[1])
             for e, s, n in jobs:
-                hs = torch.mm(xs[s - r0:s - r0 + n], W1[e].t(), out=h[s - r0:s - r0 + n])
+                hs = _clamp_(torch.mm(xs[s - r0:s - r0 + n], W1[e].t(), out=h[s - r0:s - r0 + n]), I, limit)
                 a = F.silu(hs[:, :I]) * hs[:, I:]
                 torch.mm(a, W2[e].t(), out=ys[s - r0:s - r0 + n])
         if save:
@@ -233,12 +242,12 @@ class _SegmentFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_ND, W1, W2, w_NK, plan: DispatchPlan, workers: int):  # noqa: ANN001, ANN205
+    def forward(ctx, x_ND, W1, W2, w_NK, plan: DispatchPlan, workers: int, limit=None):  # noqa: ANN001, ANN205
         w_P = w_NK.reshape(-1).index_select(0, plan.order_P)
         chunks = _segment_chunks(plan.counts_E.tolist(), workers)
-        y, h_chunks = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=True)
+        y, h_chunks = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=True, limit=limit)
         ctx.save_for_backward(x_ND, W1, W2, w_P, *h_chunks)
-        ctx.plan, ctx.chunks, ctx.wshape = plan, chunks, w_NK.shape
+        ctx.plan, ctx.chunks, ctx.wshape, ctx.limit = plan, chunks, w_NK.shape, limit
         return y
 
     @staticmethod
@@ -273,7 +282,7 @@ class _SegmentFn(torch.autograd.Function):
             if need_w2:
                 torch.mm(gys.t(), a.mul_(wd), out=d_W2[e])  # Σ (w·gy)ᵀ a
             dh = torch.empty_like(h)
-            _swiglu_backward(da.mul_(wd), h, dh, I)
+            _swiglu_backward(da.mul_(wd), h, dh, I, ctx.limit)
             if need_w1:
                 torch.mm(dh.t(), x_ND.index_select(0, tok), out=d_W1[e])
             if need_x:
@@ -291,15 +300,20 @@ class _SegmentFn(torch.autograd.Function):
         if need_w:
             gw_NK = torch.zeros(ctx.wshape, dtype=torch.float32, device=w_P.device)
             gw_NK.view(-1).index_copy_(0, plan.order_P, gw_P)  # dropped pairs keep 0
-        return dx, d_W1, d_W2, gw_NK, None, None
+        return dx, d_W1, d_W2, gw_NK, None, None, None
 
 
-def _swiglu_backward(da_PI: torch.Tensor, h_PF: torch.Tensor, dh_PF: torch.Tensor, I: int) -> None:
+def _swiglu_backward(da_PI: torch.Tensor, h_PF: torch.Tensor, dh_PF: torch.Tensor, I: int,
+                     limit: float | None = None) -> None:
     """dh = d[silu(g) * u]: d up = da · silu(g); d gate = silu'(g) · da · u (ATen's fused silu_backward,
-    few passes matter in bf16). Overwrites da."""
+    few passes matter in bf16). Overwrites da. With the V4 clamp, h holds the clamped values and the
+    gradient stops where the clamp was active (values at the limit)."""
     g, u = h_PF[:, :I], h_PF[:, I:]
     torch.mul(da_PI, F.silu(g), out=dh_PF[:, I:])
     torch.ops.aten.silu_backward.grad_input(da_PI.mul_(u), g, grad_input=dh_PF[:, :I])
+    if limit is not None:
+        dh_PF[:, :I].masked_fill_(g >= limit, 0)
+        dh_PF[:, I:].masked_fill_(u.abs() >= limit, 0)
 
 
 def _unpermute(ys_PD: torch.Tensor, inv_NK: torch.Tensor, K: int) -> torch.Tensor:
@@ -327,10 +341,10 @@ class _GroupedFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_ND, W1, W2, w_NK, plan: DispatchPlan):  # noqa: ANN001, ANN205
+    def forward(ctx, x_ND, W1, W2, w_NK, plan: DispatchPlan, limit=None):  # noqa: ANN001, ANN205
         I, offs = W2.shape[-1], plan.offs_E
         xs_PD = x_ND.index_select(0, plan.tok_P)
-        h_PF = torch._grouped_mm(xs_PD, W1.transpose(-2, -1), offs=offs)
+        h_PF = _clamp_(torch._grouped_mm(xs_PD, W1.transpose(-2, -1), offs=offs), I, limit)
         a_PI = F.silu(h_PF[:, :I]) * h_PF[:, I:]
         ys_PD = torch._grouped_mm(a_PI, W2.transpose(-2, -1), offs=offs)
         ys_NKD = _unpermute(ys_PD, plan.inv_NK, w_NK.shape[1])
@@ -339,7 +353,7 @@ class _GroupedFn(torch.autograd.Function):
             ys_NKD = ys_NKD.float()
         y_ND = _combine(ys_NKD, w_NK).to(x_ND.dtype)
         ctx.save_for_backward(W1, W2, w_NK, xs_PD, h_PF, a_PI, ys_NKD)
-        ctx.plan = plan
+        ctx.plan, ctx.limit = plan, limit
         return y_ND
 
     @staticmethod
@@ -358,24 +372,27 @@ class _GroupedFn(torch.autograd.Function):
         da_PI = torch._grouped_mm(gys_PD, W2, offs=offs)
         del gys_PD
         dh_PF = torch.empty_like(h_PF)
-        _swiglu_backward(da_PI, h_PF, dh_PF, I)
+        _swiglu_backward(da_PI, h_PF, dh_PF, I, ctx.limit)
         del da_PI
         d_W1 = torch._grouped_mm(dh_PF.t(), xs_PD, offs=offs) if need_w1 else None
         dx_ND = None
         if need_x:
             dx_NKD = _unpermute(torch._grouped_mm(dh_PF, W1, offs=offs), plan.inv_NK, K)
             dx_ND = dx_NKD.sum(1) if dtype == torch.float32 else dx_NKD.sum(1, dtype=torch.float32).to(dtype)
-        return dx_ND, d_W1, d_W2, gw_NK, None
+        return dx_ND, d_W1, d_W2, gw_NK, None, None
 
 
-def _autograd_dispatch(x_ND, gate_up_EFD, down_EDI, w_NK, plan: DispatchPlan) -> torch.Tensor:  # noqa: ANN001
+def _autograd_dispatch(x_ND, gate_up_EFD, down_EDI, w_NK, plan: DispatchPlan,  # noqa: ANN001
+                       limit: float | None = None) -> torch.Tensor:
     """The plain recipe under autograd (gather, two `_grouped_mm`, fp32 index_add): benchmark baseline."""
     inter = down_EDI.shape[-1]
     w_P = w_NK.reshape(-1).index_select(0, plan.order_P)
     xs_PD = x_ND.index_select(0, plan.tok_P)
     h_PF = torch._grouped_mm(xs_PD, gate_up_EFD.transpose(-2, -1), offs=plan.offs_E)
-    ys_PD = torch._grouped_mm(F.silu(h_PF[:, :inter]) * h_PF[:, inter:], down_EDI.transpose(-2, -1),
-                              offs=plan.offs_E)
+    g, u = h_PF[:, :inter], h_PF[:, inter:]
+    if limit is not None:  # out of place: autograd's clamp gradient
+        g, u = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
+    ys_PD = torch._grouped_mm(F.silu(g) * u, down_EDI.transpose(-2, -1), offs=plan.offs_E)
     yw_PD = ys_PD.float() * w_P.unsqueeze(-1)
     y_ND = torch.zeros(x_ND.shape[0], x_ND.shape[1], dtype=torch.float32, device=x_ND.device)
     return y_ND.index_add(0, plan.tok_P, yw_PD).to(x_ND.dtype)
@@ -392,6 +409,7 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
         self.impl = "auto"  # one of IMPLS; tests and benchmarks force a path
+        self.swiglu_limit = config.swiglu_limit  # DeepSeek-V4 clamp (None: plain SwiGLU), every path
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -420,27 +438,31 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"RoutedExperts.impl={self.impl!r} must be one of {IMPLS}")
         plan = plan_dispatch(topk_ids_NK, self.num_experts, capacity)
         w_NK = topk_weights_NK.float()
-        x_ND = x_ND.to(self.gate_up_proj.dtype)
         W1, W2 = self.gate_up_proj, self.down_proj
+        # Under CPU autocast the experts keep the weights' dtype: autocast does not reach into the custom
+        # Functions, and casting here was measured slower (tiny preset, bf16 expert matmuls of a few hundred
+        # rows ran at fp32 speed or worse, plus the casts). Cast the model itself to bf16 for bf16 experts.
+        x_ND = x_ND.to(W1.dtype)
         if plan.order_P.numel() == 0:  # N = 0, or everything dropped: zeros, graph kept connected
             zero = ((W1.sum() + W2.sum()) * 0).to(x_ND.dtype) + (w_NK.sum() * 0).to(x_ND.dtype)
             return x_ND * 0 + zero, plan.dropped
         backend = self.backend_for(x_ND)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w_NK, W1, W2))
+        lim = self.swiglu_limit
         if backend in ("gmm", "autograd") and not grad:
-            y = _grouped_nograd(x_ND, W1, W2, w_NK, plan)
+            y = _grouped_nograd(x_ND, W1, W2, w_NK, plan, lim)
         elif backend == "autograd":
-            y = _autograd_dispatch(x_ND, W1, W2, w_NK, plan)
+            y = _autograd_dispatch(x_ND, W1, W2, w_NK, plan, lim)
         elif backend == "gmm":
-            y = _GroupedFn.apply(x_ND, W1, W2, w_NK, plan)
+            y = _GroupedFn.apply(x_ND, W1, W2, w_NK, plan, lim)
         else:
             workers = torch.get_num_threads() if backend == "threads" else 1
             if grad:
-                y = _SegmentFn.apply(x_ND, W1, W2, w_NK, plan, workers)
+                y = _SegmentFn.apply(x_ND, W1, W2, w_NK, plan, workers, lim)
             else:  # not through apply: ctx.needs_input_grad is True under no_grad, we must not save
                 chunks = _segment_chunks(plan.counts_E.tolist(), workers)
                 w_P = w_NK.reshape(-1).index_select(0, plan.order_P)
-                y, _ = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=False)
+                y, _ = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=False, limit=lim)
         return y, plan.dropped
 
     def extra_repr(self) -> str:
@@ -448,9 +470,10 @@ class RoutedExperts(nn.Module):
 
 
 @torch.no_grad()
-def _grouped_nograd(x_ND, W1, W2, w_NK, plan: DispatchPlan) -> torch.Tensor:  # noqa: ANN001
+def _grouped_nograd(x_ND, W1, W2, w_NK, plan: DispatchPlan, limit=None) -> torch.Tensor:  # noqa: ANN001
     I, offs = W2.shape[-1], plan.offs_E
     h_PF = torch._grouped_mm(x_ND.index_select(0, plan.tok_P), W1.transpose(-2, -1), offs=offs)
+    _clamp_(h_PF, I, limit)
     a_PI = F.silu(h_PF[:, :I], inplace=True).mul_(h_PF[:, I:])  # in place: no extra [P, I] buffers
     ys_PD = torch._grouped_mm(a_PI, W2.transpose(-2, -1), offs=offs)
     del h_PF, a_PI
@@ -463,8 +486,10 @@ def reference_moe(
     down_EDI: torch.Tensor,
     ids_NK: torch.Tensor,
     weights_NK: torch.Tensor,
+    swiglu_limit: float | None = None,
 ) -> torch.Tensor:
     """Test oracle: a plain loop over experts and their tokens, no sorting, fp32 accumulation.
+    ``swiglu_limit``: DeepSeek-V4's clamp (gate <= limit, |up| <= limit), out of place (autograd's gradient).
 
     Uses `unbind(0)` (one view per expert) rather than `W[e]`, so its backward is usable in tests.
     """
@@ -475,7 +500,10 @@ def reference_moe(
         if tok.numel() == 0:
             continue
         h = x_ND[tok] @ wgu.t()
-        out = (F.silu(h[:, :inter]) * h[:, inter:]) @ wd.t()
+        g, u = h[:, :inter], h[:, inter:]
+        if swiglu_limit is not None:
+            g, u = g.clamp(max=swiglu_limit), u.clamp(min=-swiglu_limit, max=swiglu_limit)
+        out = (F.silu(g) * u) @ wd.t()
         y_ND = y_ND.index_add(0, tok, out.float() * weights_NK[tok, slot].float().unsqueeze(-1))
     return y_ND.to(x_ND.dtype)
 
