@@ -1,4 +1,4 @@
-"""Training-step speed of widemoe vs transformers' DeepseekV3ForCausalLM on the same config, weights and batch.
+"""Training-step speed of widemoe vs transformers' DeepseekV3ForCausalLM: same config, weights and batch.
 
 Both models are built from the `tiny` preset (MTP off, because transformers does not train MTP),
 with identical weights (widemoe saves a Hugging Face directory, transformers loads it), the same
@@ -52,6 +52,7 @@ def step_fn(model, optimizer, x, y, bf16: bool, hf: bool):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
+
     return step
 
 
@@ -94,10 +95,21 @@ def main() -> int:
             best_peer = min(statistics.median(times[n]) for n in times if n.startswith("transformers"))
             for name, ts in times.items():
                 med = statistics.median(ts)
-                results["rows"].append({"dtype": dtype_name, "impl": name, "step_s": med, "tokens_per_s": tokens / med,
-                                        "mfu": flops / med / peak, "speedup_vs_best_transformers": best_peer / med})
-                print(f"{dtype_name:5s} {name:24s} {med * 1e3:9.1f} ms/step  {tokens / med:9.0f} tok/s  "
-                      f"MFU {flops / med / peak:6.1%}  x{best_peer / med:5.2f} vs fastest transformers", flush=True)
+                results["rows"].append(
+                    {
+                        "dtype": dtype_name,
+                        "impl": name,
+                        "step_s": med,
+                        "tokens_per_s": tokens / med,
+                        "mfu": flops / med / peak,
+                        "speedup_vs_best_transformers": best_peer / med,
+                    }
+                )
+                print(
+                    f"{dtype_name:5s} {name:24s} {med * 1e3:9.1f} ms/step  {tokens / med:9.0f} tok/s  "
+                    f"MFU {flops / med / peak:6.1%}  x{best_peer / med:5.2f} vs fastest transformers",
+                    flush=True,
+                )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

@@ -13,6 +13,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 from transformers.models.olmoe.modeling_olmoe import OlmoeAttention, OlmoeRotaryEmbedding
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention, Qwen3MoeRotaryEmbedding
 
+from hf_helpers import hf_rope_parameters
 from widemoe.cache import KVCache, LayerCache
 from widemoe.config import ConfigError, get_preset
 from widemoe.model.attention import GQAttention, MLAttention, attend, build_attention, causal_mask
@@ -32,12 +33,6 @@ CONFIGS = {"mla": MICRO, "mla_noq": MICRO_NOQ, "qwen": QWEN, "qwen_yarn": QWEN_Y
 MLA_HALF = MICRO_NOQ.replace(rope_interleave=False, attention_bias=True)  # transformers supports both
 
 
-def hf_rope_parameters(cfg) -> dict:
-    rp = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling:
-        rp.update({k: v for k, v in cfg.rope_scaling.items() if k != "type"})
-        rp["rope_type"] = cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type"))
-    return rp
 
 
 def hf_attention(cfg):

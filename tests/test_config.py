@@ -10,9 +10,14 @@ from widemoe.config import PRESET_NAMES, ConfigError, ModelConfig, get_preset
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"num_experts_per_tok": 20, "n_routed_experts": 16, "n_group": 1, "topk_group": 1},
-         "num_experts_per_tok=20 exceeds n_routed_experts=16"),
-        ({"n_routed_experts": 60, "n_group": 8, "topk_group": 4}, "n_routed_experts=60 is not divisible by n_group=8"),
+        (
+            {"num_experts_per_tok": 20, "n_routed_experts": 16, "n_group": 1, "topk_group": 1},
+            "num_experts_per_tok=20 exceeds n_routed_experts=16",
+        ),
+        (
+            {"n_routed_experts": 60, "n_group": 8, "topk_group": 4},
+            "n_routed_experts=60 is not divisible by n_group=8",
+        ),
         ({"topk_group": 5, "n_group": 4}, "topk_group=5 must be in [1, n_group=4]"),
         ({"num_experts_per_tok": 6, "n_group": 4, "topk_group": 2}, "kept groups cannot supply"),
         ({"scoring_func": "relu"}, "scoring_func='relu' must be one of"),
@@ -27,7 +32,9 @@ from widemoe.config import PRESET_NAMES, ConfigError, ModelConfig, get_preset
     ],
 )
 def test_invalid_configs_name_field_and_rule(changes, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")
+    ):
         get_preset("micro", **changes)
 
 
@@ -56,7 +63,12 @@ def test_unknown_preset_lists_choices():
 
 def test_presets_have_published_dimensions():
     v3 = get_preset("deepseek-v3")
-    assert (v3.hidden_size, v3.num_hidden_layers, v3.n_routed_experts, v3.num_experts_per_tok) == (7168, 61, 256, 8)
+    assert (v3.hidden_size, v3.num_hidden_layers, v3.n_routed_experts, v3.num_experts_per_tok) == (
+        7168,
+        61,
+        256,
+        8,
+    )
     assert (v3.n_group, v3.topk_group, v3.routed_scaling_factor, v3.kv_lora_rank) == (8, 4, 2.5, 512)
     k2 = get_preset("kimi-k2")
     assert (k2.n_routed_experts, k2.n_group, k2.num_attention_heads, k2.vocab_size) == (384, 1, 64, 163840)

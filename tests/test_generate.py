@@ -30,7 +30,7 @@ def test_greedy_equals_full_forward_argmax(model):
     with torch.no_grad():
         for _ in range(6):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    assert out == seq[len(prompt):]
+    assert out == seq[len(prompt) :]
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(model):

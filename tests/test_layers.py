@@ -17,6 +17,7 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 )
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
 
+from hf_helpers import hf_rope_parameters
 from widemoe.config import get_preset
 from widemoe.model.layers import (
     RMSNorm,
@@ -28,15 +29,6 @@ from widemoe.model.layers import (
     rope_inv_freq,
     softmax_scale,
 )
-
-
-def hf_rope_parameters(cfg) -> dict:
-    """Our rope fields as transformers v5 ``rope_parameters``."""
-    rp = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling:
-        rp.update({k: v for k, v in cfg.rope_scaling.items() if k != "type"})
-        rp["rope_type"] = cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type"))
-    return rp
 
 
 def hf_deepseek_config(cfg) -> DeepseekV3Config:

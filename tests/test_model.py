@@ -11,11 +11,28 @@ torch.set_num_threads(2)
 
 
 def gqa_micro(**kw):
-    base = dict(model_type="qwen3_moe", vocab_size=256, hidden_size=64, num_hidden_layers=2,
-                intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-                scoring_func="softmax", topk_method="greedy", norm_topk_prob=True, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, qk_norm="head", rope_interleave=False, rope_theta=10000.0,
-                max_position_embeddings=128, eos_token_id=0, bos_token_id=None)
+    base = dict(
+        model_type="qwen3_moe",
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=True,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        qk_norm="head",
+        rope_interleave=False,
+        rope_theta=10000.0,
+        max_position_embeddings=128,
+        eos_token_id=0,
+        bos_token_id=None,
+    )
     base.update(kw)
     from widemoe.config import ModelConfig
 
@@ -24,8 +41,15 @@ def gqa_micro(**kw):
 
 CONFIGS = {
     "micro-mla": lambda: get_preset("micro"),
-    "micro-mla-noqlora": lambda: get_preset("micro", q_lora_rank=None, scoring_func="softmax",
-                                            topk_method="greedy", norm_topk_prob=False, n_group=1, topk_group=1),
+    "micro-mla-noqlora": lambda: get_preset(
+        "micro",
+        q_lora_rank=None,
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=False,
+        n_group=1,
+        topk_group=1,
+    ),
     "micro-gqa-headnorm": lambda: gqa_micro(),
     "micro-gqa-fullnorm": lambda: gqa_micro(qk_norm="full", num_key_value_heads=4),
 }
@@ -49,8 +73,13 @@ def test_losses_are_reported_apart_and_sum_up():
     ids = torch.randint(0, cfg.vocab_size, (2, 17))
     out = model(ids[:, :-1], labels=ids[:, 1:])
     assert set(out.aux_losses) == {"seq_aux", "switch_aux", "z_loss"}
-    expected = (out.lm_loss + cfg.mtp_loss_weight * out.mtp_loss + 0.01 * out.aux_losses["seq_aux"]
-                + 0.02 * out.aux_losses["switch_aux"] + 0.001 * out.aux_losses["z_loss"])
+    expected = (
+        out.lm_loss
+        + cfg.mtp_loss_weight * out.mtp_loss
+        + 0.01 * out.aux_losses["seq_aux"]
+        + 0.02 * out.aux_losses["switch_aux"]
+        + 0.001 * out.aux_losses["z_loss"]
+    )
     torch.testing.assert_close(out.loss, expected)
     # Routing info for both main MoE layers and the MTP block.
     assert len(out.routing) == len(cfg.moe_layer_indices) + cfg.num_nextn_predict_layers
@@ -98,7 +127,7 @@ def test_cached_decoding_equals_full_forward_past_original_length(name):
         step = [model(ids[:, :20], cache=cache).logits]
         step.append(model(ids[:, 20:27], cache=cache).logits)  # chunked prefill
         for t in range(27, T):
-            step.append(model(ids[:, t:t + 1], cache=cache).logits)
+            step.append(model(ids[:, t : t + 1], cache=cache).logits)
     torch.testing.assert_close(torch.cat(step, dim=1), full, atol=2e-5, rtol=1e-4)
 
 
@@ -129,8 +158,10 @@ def test_bf16_model_routes_like_fp32():
     with torch.no_grad():
         r32 = m32(ids).routing
         r16 = m16(ids).routing
-    same = [(a.topk_ids.sort(-1).values == b.topk_ids.sort(-1).values).all(-1).float().mean().item()
-            for a, b in zip(r32, r16)]
+    same = [
+        (a.topk_ids.sort(-1).values == b.topk_ids.sort(-1).values).all(-1).float().mean().item()
+        for a, b in zip(r32, r16)
+    ]
     assert min(same) > 0.9, same
 
 

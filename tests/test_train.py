@@ -30,8 +30,20 @@ def cache_dir(tmp_path_factory):
 
 
 def tc_for(run_dir, **kw):
-    base = dict(run_dir=str(run_dir), preset="micro", vocab_size=512, seq_len=32, batch_size=4, steps=6,
-                warmup_steps=2, eval_every=1000, eval_batches=1, save_every=1000, progress=False, lr=3e-3)
+    base = dict(
+        run_dir=str(run_dir),
+        preset="micro",
+        vocab_size=512,
+        seq_len=32,
+        batch_size=4,
+        steps=6,
+        warmup_steps=2,
+        eval_every=1000,
+        eval_batches=1,
+        save_every=1000,
+        progress=False,
+        lr=3e-3,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -118,8 +130,11 @@ trainer.fit()
 
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, corpus, cache_dir):
     run_dir, flag = tmp_path / "run", tmp_path / "flag"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(run_dir), str(cache_dir), str(flag)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(run_dir), str(cache_dir), str(flag)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 240
     while not flag.exists():  # wait for the child to reach the save; not a timing assumption
         assert proc.poll() is None, proc.stderr.read().decode()

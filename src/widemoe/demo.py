@@ -39,24 +39,49 @@ def demo_config(run_dir: str, steps: int, balance: str, seed: int) -> TrainConfi
     # 16 x 256 = 4096 tokens per step, 240 steps = 0.98M tokens. fp32: on the 2-core CPU bf16 autocast
     # measured within 10% of fp32 for this size (the expert matmuls are too small to gain), and fp32
     # keeps resume bit-exact.
-    return TrainConfig(run_dir=run_dir, preset="tiny", vocab_size=4096, seq_len=256, batch_size=16, steps=steps,
-                       lr=3e-3, warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 6), eval_batches=3,
-                       save_every=max(1, steps // 3), balance=balance, bf16=False, seed=seed)
+    return TrainConfig(
+        run_dir=run_dir,
+        preset="tiny",
+        vocab_size=4096,
+        seq_len=256,
+        batch_size=16,
+        steps=steps,
+        lr=3e-3,
+        warmup_steps=max(1, steps // 10),
+        eval_every=max(1, steps // 6),
+        eval_batches=3,
+        save_every=max(1, steps // 3),
+        balance=balance,
+        bf16=False,
+        seed=seed,
+    )
 
 
 def sample_generations(trainer: Trainer, tokenizer: wdata.Tokenizer, max_new_tokens: int = 48) -> list[dict]:
     out = []
     for domain, prompt in PROMPTS.items():
         ids = tokenizer.encode(prompt)
-        new = generate(trainer.model, [ids], GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.8,
-                                                               top_p=0.9, seed=0, eos_token_id=tokenizer.eos_id))
+        new = generate(
+            trainer.model,
+            [ids],
+            GenerationConfig(
+                max_new_tokens=max_new_tokens,
+                temperature=0.8,
+                top_p=0.9,
+                seed=0,
+                eos_token_id=tokenizer.eos_id,
+            ),
+        )
         out.append({"domain": domain, "prompt": prompt, "completion": tokenizer.decode(new[0])})
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m widemoe.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m widemoe.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--run-dir", default="runs/demo")
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--balance", choices=BALANCE_MODES, default="aux-free")
@@ -75,14 +100,20 @@ def main(argv: list[str] | None = None) -> int:
     print("preparing data (corpus, tokenizer, token ids; cached after the first run) ...")
     td = prepare_train_data(tc)
     sizes = {d: td.tokens.num_tokens("train", d) for d in td.domains}
-    print("  train tokens: " + ", ".join(f"{d} {n / 1e6:.2f}M" for d, n in sizes.items())
-          + f"  (vocab {td.tokenizer.vocab_size}, {time.perf_counter() - t_start:.1f} s)")
+    print(
+        "  train tokens: "
+        + ", ".join(f"{d} {n / 1e6:.2f}M" for d, n in sizes.items())
+        + f"  (vocab {td.tokenizer.vocab_size}, {time.perf_counter() - t_start:.1f} s)"
+    )
 
     trainer = Trainer(tc, td, tokenizer=td.tokenizer)
     cfg = trainer.config
-    print(f"training the tiny preset: {trainer.model.num_parameters() / 1e6:.1f}M parameters, "
-          f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}) + {cfg.n_shared_experts} shared, "
-          f"{args.steps} steps x {tc.batch_size * tc.seq_len} tokens, balance={tc.balance}")
+    print(
+        f"training the tiny preset: {trainer.model.num_parameters() / 1e6:.1f}M parameters, "
+        f"{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}) + "
+        f"{cfg.n_shared_experts} shared, "
+        f"{args.steps} steps x {tc.batch_size * tc.seq_len} tokens, balance={tc.balance}"
+    )
     trainer.fit()
 
     summary = {
@@ -97,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = build_report(run_dir)
     print(summary_text(run_dir))
     print(f"\nreport: {paths.html if hasattr(paths, 'html') else paths}")
-    print(f"continue text:  .venv/bin/widemoe generate {run_dir} \"It was a truth\"")
+    print(f'continue text:  .venv/bin/widemoe generate {run_dir} "It was a truth"')
     return 0
 
 

@@ -65,8 +65,9 @@ def next_tokens(logits_BV: torch.Tensor, gen: GenerationConfig, rng: torch.Gener
 
 
 @torch.no_grad()
-def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None,
-             **kwargs) -> list[list[int]]:
+def generate(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None, **kwargs
+) -> list[list[int]]:
     """Continue each prompt; returns the new tokens per prompt (up to and including EOS)."""
     gen = gen or GenerationConfig(**kwargs)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -84,14 +85,16 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen: Gene
         model.train(was_training)
 
 
-def _generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig) -> list[list[int]]:
+def _generate(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig
+) -> list[list[int]]:
     device = next(model.parameters()).device
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, L), gen.pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros((B, L), dtype=torch.bool, device=device)
     for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[b, L - len(p):] = True
+        ids[b, L - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[b, L - len(p) :] = True
     rng = None
     if gen.seed is not None:
         rng = torch.Generator(device=device)

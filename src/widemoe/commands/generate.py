@@ -23,8 +23,10 @@ class ByteTokenizer:
 
     def __init__(self, vocab_size: int):
         if vocab_size < 256:
-            raise SystemExit(f"error: vocab_size={vocab_size} < 256: a model without a tokenizer.json needs "
-                             "room for the 256 byte ids")
+            raise SystemExit(
+                f"error: vocab_size={vocab_size} < 256: a model without a tokenizer.json needs "
+                "room for the 256 byte ids"
+            )
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -68,8 +70,10 @@ def load_model_and_tokenizer(spec: str, dtype_name: str, seed: int):
     path = Path(spec)
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise SystemExit(f"error: {path} is a directory without config.json; expected a Hugging Face model "
-                             "directory (config.json + *.safetensors)")
+            raise SystemExit(
+                f"error: {path} is a directory without config.json; expected a Hugging Face model "
+                "directory (config.json + *.safetensors)"
+            )
         from widemoe.hf import load_pretrained
 
         model = load_pretrained(path, dtype=dtype)
@@ -83,16 +87,22 @@ def load_model_and_tokenizer(spec: str, dtype_name: str, seed: int):
     meta = build_model(config, device="meta")
     nbytes = meta.num_parameters() * torch.tensor([], dtype=dtype).element_size()
     if nbytes > MAX_MEMORY_SHARE * _available_memory_bytes():
-        raise SystemExit(f"error: {spec} has {meta.num_parameters() / 1e9:.1f}B parameters "
-                         f"({nbytes / 2**30:.1f} GiB in {dtype_name}); that does not fit in this machine's memory. "
-                         "Use a small preset (tiny, micro) or a real checkpoint directory.")
+        raise SystemExit(
+            f"error: {spec} has {meta.num_parameters() / 1e9:.1f}B parameters "
+            f"({nbytes / 2**30:.1f} GiB in {dtype_name}); that does not fit in this machine's memory. "
+            "Use a small preset (tiny, micro) or a real checkpoint directory."
+        )
     model = build_model(config, dtype=dtype, seed=seed)
     return model, ByteTokenizer(config.vocab_size), f"randomly initialised {spec} (output is noise)"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="continue a prompt with a model",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "generate",
+        help="continue a prompt with a model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", help="preset name, widemoe config file (.json/.toml) or model directory")
     p.add_argument("prompt", nargs="+", help="prompt text (several prompts run as one batch)")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -113,9 +123,15 @@ def run(args: argparse.Namespace) -> int:
     model, tok, what = load_model_and_tokenizer(args.model, args.dtype, args.seed)
     prompts = [tok.encode(p) for p in args.prompt]
     eos = model.config.eos_token_id
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, seed=args.seed, eos_token_id=eos,
-                           pad_token_id=model.config.pad_token_id or 0)
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_token_id=eos,
+        pad_token_id=model.config.pad_token_id or 0,
+    )
     t0 = time.perf_counter()
     outs = generate(model, prompts, gen)
     dt = time.perf_counter() - t0

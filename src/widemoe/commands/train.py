@@ -10,8 +10,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from widemoe.train.trainer import BALANCE_MODES, TrainConfig
 
     d = TrainConfig()
-    p = subparsers.add_parser("train", help="train a model on the embedded corpus",
-                              description=__doc__)
+    p = subparsers.add_parser("train", help="train a model on the embedded corpus", description=__doc__)
     p.add_argument("--run-dir", default=d.run_dir, help="where checkpoints, metrics and the report go")
     p.add_argument("--preset", default=d.preset, help="model preset (default: %(default)s)")
     p.add_argument("--config", dest="config_file", default=None, help="widemoe model config (JSON or TOML)")
@@ -20,13 +19,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--stop-at", type=int, default=None,
-                   help="stop after this step; the schedule still spans --steps (continue with --resume)")
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop after this step; the schedule still spans --steps (continue with --resume)",
+    )
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (about 2.5x faster matmuls on AVX512-BF16)")
+    p.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast (about 2.5x faster matmuls on AVX512-BF16)"
+    )
     p.add_argument("--balance", choices=BALANCE_MODES, default=d.balance)
     p.add_argument("--bias-update-speed", type=float, default=None)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
@@ -56,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ev = result["final_eval"] or {}
-    print(f"trained {result['steps']} steps into {result['run_dir']}; held-out loss per domain: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in ev.get("heldout_loss", {}).items()))
+    print(
+        f"trained {result['steps']} steps into {result['run_dir']}; held-out loss per domain: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in ev.get("heldout_loss", {}).items())
+    )
     return 0

@@ -92,11 +92,22 @@ def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
             comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
         return comb
     out = []
-    for m in comb.transpose(-1, -2).reshape(-1, comb.shape[-1], comb.shape[-1]).tolist():
+    n = comb.shape[-1]
+    for m in comb.transpose(-1, -2).reshape(-1, n, n).tolist():
         # m holds the transpose, so normalising its rows normalises the columns; each pass then
         # transposes (zip), and after 2·iters - 1 passes (odd) m is back in the original orientation.
-        for _ in range(2 * iters - 1):
-            m = list(zip(*[[v / s for v in row] for row in m for s in (sum(row) + eps,)]))
+        if n == 4:  # hc_mult of the released models, unrolled (~3x faster than the generic loop)
+            a, b, c, d = m
+            for _ in range(2 * iters - 1):
+                sa, sb, sc, sd = sum(a) + eps, sum(b) + eps, sum(c) + eps, sum(d) + eps
+                a, b, c, d = ((a[0] / sa, b[0] / sb, c[0] / sc, d[0] / sd),
+                              (a[1] / sa, b[1] / sb, c[1] / sc, d[1] / sd),
+                              (a[2] / sa, b[2] / sb, c[2] / sc, d[2] / sd),
+                              (a[3] / sa, b[3] / sb, c[3] / sc, d[3] / sd))
+            m = [a, b, c, d]
+        else:
+            for _ in range(2 * iters - 1):
+                m = list(zip(*[[v / s for v in row] for row in m for s in (sum(row) + eps,)]))
         out.append(m)
     return torch.tensor(out, dtype=comb.dtype, device=comb.device).view(comb.shape)
 

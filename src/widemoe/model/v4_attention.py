@@ -134,6 +134,10 @@ class Compressor(KeepFp32, nn.Module):
         else:
             kv, gate, first = state.take_windows(kv, gate, self.rate)
         n, w, m = kv.shape[1] // self.rate, self.width, self.rate
+        if n == 0 and state is not None and state.count:  # no window closed: the stored entries as they are
+            stored = state.entries.get("e")
+            if stored is not None:
+                return stored
         if n == 0:
             new = kv.new_zeros((B, 0, w))
         else:

@@ -63,9 +63,14 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: str | Path, step: int, write_model: Callable[[Path], None],
-                    state: dict[str, Any], keep_last: int = 2,
-                    before_commit: Callable[[Path], None] | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    write_model: Callable[[Path], None],
+    state: dict[str, Any],
+    keep_last: int = 2,
+    before_commit: Callable[[Path], None] | None = None,
+) -> Path:
     """Write one checkpoint atomically; `write_model(dir)` writes the HF model files into `dir`.
 
     `before_commit` is a test hook called after the rename and before the marker.
@@ -104,8 +109,12 @@ def _apply_retention(run_dir: Path, keep_last: int) -> None:
     # Leftover temporaries of crashed saves are garbage once a newer checkpoint is committed.
     root = run_dir / "checkpoints"
     for p in root.iterdir():
-        if ".tmp-" in p.name or (_STEP_DIR.match(p.name) and not (p / MARKER).exists() and newest is not None
-                                 and p.name < newest.name):
+        if ".tmp-" in p.name or (
+            _STEP_DIR.match(p.name)
+            and not (p / MARKER).exists()
+            and newest is not None
+            and p.name < newest.name
+        ):
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -116,5 +125,11 @@ def load_training_state(ckpt: Path) -> dict[str, Any]:
     return torch.load(path, weights_only=True)
 
 
-__all__ = ["MARKER", "checkpoint_dir", "committed_checkpoints", "latest_checkpoint", "load_training_state",
-           "save_checkpoint"]
+__all__ = [
+    "MARKER",
+    "checkpoint_dir",
+    "committed_checkpoints",
+    "latest_checkpoint",
+    "load_training_state",
+    "save_checkpoint",
+]

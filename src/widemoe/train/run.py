@@ -19,9 +19,10 @@ class TrainData:
     tokens: wdata.TokenizedCorpus
 
 
-def prepare_train_data(tc: TrainConfig, corpus: wdata.Corpus | None = None,
-                       cache_dir: str | Path | None = None) -> TrainData:
-    """Corpus -> tokenizer (cached) -> token ids (cached) -> resumable packed batches + fixed held-out batches."""
+def prepare_train_data(
+    tc: TrainConfig, corpus: wdata.Corpus | None = None, cache_dir: str | Path | None = None
+) -> TrainData:
+    """Corpus -> tokenizer (cached) -> token ids (cached) -> resumable packed batches + held-out batches."""
     corpus = corpus if corpus is not None else wdata.build_corpus()
     tok = wdata.train_tokenizer(corpus, vocab_size=tc.vocab_size, cache_dir=cache_dir)
     tokens = wdata.tokenize_corpus(corpus, tok, cache_dir=cache_dir)
@@ -30,13 +31,16 @@ def prepare_train_data(tc: TrainConfig, corpus: wdata.Corpus | None = None,
     return TrainData(train=train, heldout=heldout, domains=tuple(heldout), tokenizer=tok, tokens=tokens)
 
 
-def run_training(tc: TrainConfig, corpus: wdata.Corpus | None = None,
-                 cache_dir: str | Path | None = None) -> dict[str, Any]:
+def run_training(
+    tc: TrainConfig, corpus: wdata.Corpus | None = None, cache_dir: str | Path | None = None
+) -> dict[str, Any]:
     td = prepare_train_data(tc, corpus, cache_dir)
     trainer = Trainer(tc, td, tokenizer=td.tokenizer)
     if trainer.config.vocab_size != td.tokenizer.vocab_size:
-        raise ValueError(f"model vocab_size={trainer.config.vocab_size} differs from the tokenizer's "
-                         f"{td.tokenizer.vocab_size}")
+        raise ValueError(
+            f"model vocab_size={trainer.config.vocab_size} differs from the tokenizer's "
+            f"{td.tokenizer.vocab_size}"
+        )
     result = trainer.fit()
     result["trainer"] = trainer
     result["data"] = td

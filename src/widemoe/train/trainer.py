@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast, balancing, eval, checkpoints.
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast, balancing, eval, saves.
 
 One optimizer step = `grad_accum` micro-batches; the aux-loss-free bias update runs once per optimizer
 step from the counts of all its micro-batches (DeepSeek-V3 §2.1.2; counts from eval forwards never
@@ -93,7 +93,9 @@ def model_config_for(tc: TrainConfig) -> ModelConfig:
     elif tc.balance == "seq-aux":
         changes.update(aux_loss_alpha=base.aux_loss_alpha or DEFAULT_SEQ_AUX, router_aux_loss_coef=0.0)
     elif tc.balance == "switch-aux":
-        changes.update(router_aux_loss_coef=base.router_aux_loss_coef or DEFAULT_SWITCH_AUX, aux_loss_alpha=0.0)
+        changes.update(
+            router_aux_loss_coef=base.router_aux_loss_coef or DEFAULT_SWITCH_AUX, aux_loss_alpha=0.0
+        )
     else:
         changes.update(aux_loss_alpha=0.0, router_aux_loss_coef=0.0)
     return base.replace(**changes)
@@ -106,6 +108,7 @@ def lr_lambda(tc: TrainConfig):
         span = max(1, tc.steps - tc.warmup_steps)
         progress = min(1.0, (step - tc.warmup_steps) / span)
         return tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
     return f
 
 
@@ -120,11 +123,13 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, fused=True)
 
 
-def per_domain_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, domains_BT: torch.Tensor,
-                    n_domains: int) -> tuple[torch.Tensor, torch.Tensor]:
+def per_domain_loss(
+    logits_BTV: torch.Tensor, labels_BT: torch.Tensor, domains_BT: torch.Tensor, n_domains: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token losses and token counts per domain (for per-domain means across batches)."""
-    tok = F.cross_entropy(logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE_INDEX,
-                          reduction="none")
+    tok = F.cross_entropy(
+        logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
     dom = domains_BT.flatten()
     valid = labels_BT.flatten() != IGNORE_INDEX
     sums = torch.zeros(n_domains).index_add_(0, dom[valid], tok[valid].detach())
@@ -134,7 +139,7 @@ def per_domain_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor, domains_B
 
 class Trainer:
     def __init__(self, tc: TrainConfig, data: Any, tokenizer: Any = None):
-        """`data` provides `train` (a resumable PackedBatches), `heldout` ({domain: [batches]}) and `domains`."""
+        """`data` has `train` (a resumable PackedBatches), `heldout` ({domain: [batches]}) and `domains`."""
         self.tc = tc
         self.data = data
         self.tokenizer = tokenizer
@@ -173,7 +178,9 @@ class Trainer:
             if self.tokenizer is not None:
                 self.tokenizer.save(d)  # tokenizer.json + tokenizer_config.json with the special tokens
 
-        return ckpt.save_checkpoint(self.run_dir, self.step, write_model, self.state(), keep_last=self.tc.keep_last)
+        return ckpt.save_checkpoint(
+            self.run_dir, self.step, write_model, self.state(), keep_last=self.tc.keep_last
+        )
 
     def try_resume(self) -> Path | None:
         latest = ckpt.latest_checkpoint(self.run_dir)
@@ -219,8 +226,10 @@ class Trainer:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
         if not (math.isfinite(logs["loss"]) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingStopped(f"non-finite {'loss' if not math.isfinite(logs['loss']) else 'gradient norm'} "
-                                  f"at step {self.step + 1} (loss={logs['loss']}, grad_norm={grad_norm})")
+            raise TrainingStopped(
+                f"non-finite {'loss' if not math.isfinite(logs['loss']) else 'gradient norm'} "
+                f"at step {self.step + 1} (loss={logs['loss']}, grad_norm={grad_norm})"
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -234,13 +243,25 @@ class Trainer:
         dt = time.perf_counter() - t0
         self.step += 1
         tokens = tc.grad_accum * tc.batch_size * tc.seq_len
-        biases = [m.gate.e_score_correction_bias for m in model.moe_blocks()
-                  if m.gate.e_score_correction_bias is not None]
+        biases = [
+            m.gate.e_score_correction_bias
+            for m in model.moe_blocks()
+            if m.gate.e_score_correction_bias is not None
+        ]
         rec: dict[str, Any] = {
-            "kind": "train", "step": self.step, "tokens": self.tokens_seen, "lr": self.scheduler.get_last_lr()[0],
-            **logs, "grad_norm": grad_norm, "step_time": dt, "tokens_per_s": tokens / dt,
-            "loss_by_domain": {dn: float(dom_sums[i] / dom_counts[i]) for i, dn in enumerate(self.data.domains)
-                               if dom_counts[i] > 0},
+            "kind": "train",
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "lr": self.scheduler.get_last_lr()[0],
+            **logs,
+            "grad_norm": grad_norm,
+            "step_time": dt,
+            "tokens_per_s": tokens / dt,
+            "loss_by_domain": {
+                dn: float(dom_sums[i] / dom_counts[i])
+                for i, dn in enumerate(self.data.domains)
+                if dom_counts[i] > 0
+            },
             "max_vio": {str(k): max_vio(v) for k, v in counts.items()},
             "dead_experts": {str(k): dead_experts(v) for k, v in counts.items()},
         }
@@ -276,7 +297,10 @@ class Trainer:
             domain_expert[domain] = {str(k): v.tolist() for k, v in per_layer.items()}
         mv = tracker.max_vio()
         return {
-            "kind": "eval", "step": self.step, "tokens": self.tokens_seen, "heldout_loss": losses,
+            "kind": "eval",
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "heldout_loss": losses,
             "heldout_max_vio": {str(k): v for k, v in mv.items()},
             "heldout_max_vio_mean": sum(mv.values()) / max(1, len(mv)),
             "heldout_dead_experts": {str(k): v for k, v in tracker.dead_experts().items()},
@@ -289,9 +313,16 @@ class Trainer:
         if self.peak_flops is None:
             self.peak_flops = measure_matmul_peak(torch.bfloat16 if tc.bf16 else torch.float32)
         if resumed is None:
-            self.metrics.write({"kind": "start", "config": self.config.to_dict(), "train": asdict(tc),
-                                "params": self.model.num_parameters(), "peak_flops": self.peak_flops,
-                                "flops_per_token": self.flops_per_token})
+            self.metrics.write(
+                {
+                    "kind": "start",
+                    "config": self.config.to_dict(),
+                    "train": asdict(tc),
+                    "params": self.model.num_parameters(),
+                    "peak_flops": self.peak_flops,
+                    "flops_per_token": self.flops_per_token,
+                }
+            )
         else:
             self.metrics.write({"kind": "resume", "step": self.step, "from": str(resumed)})
         last_eval: dict[str, Any] | None = None
@@ -303,7 +334,9 @@ class Trainer:
                 except TrainingStopped as e:
                     path = self.save()
                     self.metrics.write({"kind": "stopped", "step": self.step, "reason": str(e)})
-                    raise TrainingStopped(f"{e}; the last good state (step {self.step}) is saved in {path}") from None
+                    raise TrainingStopped(
+                        f"{e}; the last good state (step {self.step}) is saved in {path}"
+                    ) from None
                 if self.step % tc.log_every == 0 or self.step == end:
                     self.metrics.write(rec)
                 if self.step % tc.eval_every == 0 or self.step == end:
@@ -326,14 +359,22 @@ class _progress:
             return lambda step, rec: None
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self._p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                           TextColumn("{task.fields[info]}"))
+        self._p = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
         self._p.__enter__()
         self._task = self._p.add_task("train", total=self.total, completed=self.start, info="")
 
         def update(step: int, rec: dict[str, Any]) -> None:
-            info = f"loss {rec['loss']:.3f}  MaxVio {rec['max_vio_mean']:.2f}  {rec['tokens_per_s']:.0f} tok/s"
+            info = (
+                f"loss {rec['loss']:.3f}  MaxVio {rec['max_vio_mean']:.2f}  {rec['tokens_per_s']:.0f} tok/s"
+            )
             self._p.update(self._task, completed=step, info=info)
+
         return update
 
     def __exit__(self, *exc):
