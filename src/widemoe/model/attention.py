@@ -170,14 +170,18 @@ class MLAttention(nn.Module):
         c_kv_BTr = self.kv_a_layernorm(c_kv_BTr)
         k_pe_BT1p = apply_rope(k_pe_BTp[:, :, None], cos, sin, self.interleave)
 
-        if cache is None:  # naive form: per-head keys and values from the latent
+        lat_BSx = None
+        if cache is not None:
+            lat_BSx = cache.append("latent", torch.cat([c_kv_BTr, k_pe_BT1p[:, :, 0]], dim=-1))
+        # A prefill into an empty cache uses the naive form too: it costs (nope+v)/r of the absorbed
+        # form's attention FLOPs on long prompts; the cache still receives only the latent.
+        if lat_BSx is None or (T > 1 and lat_BSx.shape[1] == T):
             kv_BTHx = self.kv_b_proj(c_kv_BTr).view(B, T, H, self.nope + self.v_dim)
             k_nope_BTHn, v_BTHv = kv_BTHx.split([self.nope, self.v_dim], dim=-1)
             q_BTHd = torch.cat([q_nope_BTHn, q_pe_BTHp], dim=-1)
             k_BTHd = torch.cat([k_nope_BTHn, k_pe_BT1p.expand(B, T, H, self.rope)], dim=-1)
             o_BTHv = attend(q_BTHd, k_BTHd, v_BTHv, mask_BTS, self.scale)
         else:  # absorbed form against the cached latent
-            lat_BSx = cache.append("latent", torch.cat([c_kv_BTr, k_pe_BT1p[:, :, 0]], dim=-1))
             w_Hxr = self.kv_b_proj.weight.view(H, self.nope + self.v_dim, r)
             w_uk_Hnr, w_uv_Hvr = w_Hxr[:, : self.nope], w_Hxr[:, self.nope :]
             q_lat_BTHr = torch.einsum("bthn,hnr->bthr", q_nope_BTHn, w_uk_Hnr)
