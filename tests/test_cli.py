@@ -28,3 +28,24 @@ def test_generate_refuses_a_model_that_cannot_fit(capsys):
 def test_generate_unknown_preset_is_clear():
     with pytest.raises(SystemExit, match="unknown preset 'nope'"):
         main(["generate", "nope", "x"])
+
+
+def test_generate_from_a_training_run_uses_its_checkpoint_and_tokenizer(tmp_path, capsys):
+    from widemoe import data as wdata
+    from widemoe.train.run import run_training
+    from widemoe.train.trainer import TrainConfig
+
+    corpus = wdata.build_corpus(math_chars=60_000).subset(12)
+    tc = TrainConfig(run_dir=str(tmp_path / "run"), preset="micro", vocab_size=512, seq_len=32, batch_size=4,
+                     steps=2, warmup_steps=1, eval_every=2, eval_batches=1, save_every=2, progress=False)
+    run_training(tc, corpus=corpus, cache_dir=tmp_path / "cache")
+    assert main(["generate", str(tmp_path / "run"), "It was", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("It was")
+    assert "step-00000002" in captured.err
+
+
+def test_generate_on_a_run_without_checkpoint_is_clear(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(SystemExit, match="without a committed checkpoint"):
+        main(["generate", str(tmp_path), "x"])

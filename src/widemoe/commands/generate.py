@@ -1,9 +1,10 @@
 """`widemoe generate MODEL PROMPT`: continue text with a preset, a config file or a checkpoint directory.
 
 MODEL may be a preset name or a widemoe config file (a randomly initialised model: the output is
-noise, which is useful for checking the machinery and speed), or a Hugging Face model directory
-(loaded strictly through `widemoe.hf`). A directory's own `tokenizer.json` is used when present;
-otherwise prompts are encoded as UTF-8 bytes (ids 0-255), which needs `vocab_size >= 256`.
+noise, which is useful for checking the machinery and speed), a Hugging Face model directory
+(loaded strictly through `widemoe.hf`), or a training run directory (its newest committed
+checkpoint). A directory's own `tokenizer.json` is used when present; otherwise prompts are encoded
+as UTF-8 bytes (ids 0-255), which needs `vocab_size >= 256`.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def load_model_and_tokenizer(spec: str, dtype_name: str, seed: int):
 
     dtype = getattr(torch, DTYPES[dtype_name])
     path = Path(spec)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").is_dir():
+        from widemoe.train.checkpoint import latest_checkpoint
+
+        latest = latest_checkpoint(path)  # a training run: its newest committed checkpoint
+        if latest is None:
+            raise SystemExit(f"error: {path} is a run directory without a committed checkpoint yet")
+        path = latest
     if path.is_dir():
         if not (path / "config.json").exists():
             raise SystemExit(
