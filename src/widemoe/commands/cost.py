@@ -75,7 +75,10 @@ def summary(c: ModelConfig, o: Options | None = None) -> dict[str, Any]:
     gpu = get_gpu(o.gpu)
     p = count_params(c)
     f = flops_per_token(c, o.seq_len)
-    kv_tok = kv_bytes(c, 1, 1, o.kv_dtype)
+    kv_ctx = kv_bytes(c, o.context, o.batch, o.kv_dtype)
+    # V4's compressed caches are not linear in the context (a fixed window plus an entry every m
+    # tokens): report the average per token at the chosen context.
+    kv_tok = kv_ctx / (o.context * o.batch) if c.is_v4 and o.context else kv_bytes(c, 1, 1, o.kv_dtype)
     out: dict[str, Any] = {
         "params": {
             "total": p.main_total,
@@ -108,7 +111,10 @@ def summary(c: ModelConfig, o: Options | None = None) -> dict[str, Any]:
             "kv_bytes_per_token": kv_tok,
             "context": o.context,
             "batch": o.batch,
-            "kv_bytes_at_context": kv_tok * o.context * o.batch,
+            "kv_bytes_at_context": kv_ctx,
+            # the same context in DeepSeek-V3's MLA cache, for contrast with V4's compressed caches
+            "deepseek_v3_kv_bytes_at_context": (kv_bytes(get_preset("deepseek-v3"), o.context, o.batch, o.kv_dtype)
+                                                if c.is_v4 else None),
             "training_per_gpu": {
                 "dp": o.dp,
                 "ep": o.ep,
@@ -278,6 +284,8 @@ def render_one(console: Any, name: str, c: ModelConfig, s: dict[str, Any], o: Op
             f"{c.num_hidden_layers} layers",
         ),
         (f"KV cache at {m['context']:,} x batch {m['batch']}", _bytes(m["kv_bytes_at_context"]), ""),
+        *([(f"DeepSeek-V3 MLA cache at {m['context']:,}", _bytes(m["deepseek_v3_kv_bytes_at_context"]),
+            "for contrast")] if m.get("deepseek_v3_kv_bytes_at_context") else []),
     ]
     t = m["training_per_gpu"]
     rows.append(

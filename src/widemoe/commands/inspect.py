@@ -46,6 +46,8 @@ def _layer_rows(cfg) -> list[tuple[str, str, str]]:  # noqa: ANN001
     attn = (
         "MLA"
         if cfg.is_mla
+        else f"V4 MQA {cfg.num_attention_heads}x{cfg.head_dim}, window {cfg.sliding_window}"
+        if cfg.is_v4
         else f"GQA {cfg.num_attention_heads}/{cfg.kv_heads}"
         + (f" qk-norm {cfg.qk_norm}" if cfg.qk_norm != "none" else "")
     )
@@ -139,12 +141,16 @@ def run(args: argparse.Namespace) -> int:
             f"{n_scales} scale tensors (dequantised on load)"
         )
     L = cfg.num_hidden_layers
-    mtp_keys = [k for k in table if k.startswith("model.layers.") and int(k.split(".")[2]) >= L]
+    # DeepSeek-V3 stores MTP modules as extra layers model.layers.{L+k}; DeepSeek-V4 as mtp.{k}.* (native)
+    # or model.mtp.{k}.* (transformers names).
+    mtp_keys = [k for k in table if (k.startswith("model.layers.") and int(k.split(".")[2]) >= L)
+                or k.startswith(("mtp.", "model.mtp."))]
+    where = "mtp.{k}" if cfg.is_v4 else f"model.layers.{L}+"
     if cfg.num_nextn_predict_layers:
         state = (
             f"{len(mtp_keys)} tensors present" if mtp_keys else "absent from the weights (loaded without MTP)"
         )
-        out.append(f"  MTP           {cfg.num_nextn_predict_layers} module(s) at model.layers.{L}+: {state}")
+        out.append(f"  MTP           {cfg.num_nextn_predict_layers} module(s) at {where}: {state}")
     out.append("  layers")
     rows = _layer_rows(cfg)
     w = max(len(r[0]) for r in rows)
