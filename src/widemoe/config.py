@@ -57,7 +57,9 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     scoring_func: str = "sigmoid"
-    topk_method: str = "noaux_tc"  # noaux_tc: selection bias + top-2-sum groups; greedy; group_limited_greedy (max)
+    topk_method: str = (
+        "noaux_tc"  # noaux_tc: selection bias + top-2-sum groups; greedy; group_limited_greedy (max)
+    )
     norm_topk_prob: bool = True
     # widemoe: Switch/GShard capacity; None = dropless (the default). Never drops in eval.
     capacity_factor: float | None = None
@@ -82,7 +84,9 @@ class ModelConfig:
 
     # --- positions ---------------------------------------------------------------------------
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_scaling: dict[str, Any] | None = (
+        None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    )
     rope_interleave: bool = True  # DeepSeek: interleaved pairs; Qwen/Mixtral/OLMoE: rotate-half
     max_position_embeddings: int = 4096
 
@@ -229,7 +233,9 @@ def _check_known(d: dict[str, Any], source: str) -> None:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(f"{source}: unknown config field(s) {unknown}; known fields are listed in widemoe.config")
+        raise ConfigError(
+            f"{source}: unknown config field(s) {unknown}; known fields are listed in widemoe.config"
+        )
 
 
 def _validate(c: ModelConfig) -> None:
@@ -237,24 +243,43 @@ def _validate(c: ModelConfig) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                 "max_position_embeddings"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+    ):
         v = getattr(c, name)
         need(isinstance(v, int) and v > 0, f"{name}={v!r} must be a positive integer")
-    for name in ("intermediate_size", "moe_intermediate_size", "n_routed_experts", "n_shared_experts",
-                 "num_experts_per_tok", "first_k_dense_replace", "num_nextn_predict_layers"):
+    for name in (
+        "intermediate_size",
+        "moe_intermediate_size",
+        "n_routed_experts",
+        "n_shared_experts",
+        "num_experts_per_tok",
+        "first_k_dense_replace",
+        "num_nextn_predict_layers",
+    ):
         v = getattr(c, name)
         need(isinstance(v, int) and v >= 0, f"{name}={v!r} must be a non-negative integer")
     need(c.hidden_act == "silu", f"hidden_act={c.hidden_act!r} is not supported (only 'silu' SwiGLU)")
-    need(c.first_k_dense_replace <= c.num_hidden_layers,
-         f"first_k_dense_replace={c.first_k_dense_replace} exceeds num_hidden_layers={c.num_hidden_layers}")
+    need(
+        c.first_k_dense_replace <= c.num_hidden_layers,
+        f"first_k_dense_replace={c.first_k_dense_replace} exceeds num_hidden_layers={c.num_hidden_layers}",
+    )
     for i in c.mlp_only_layers:
-        need(0 <= i < c.num_hidden_layers,
-             f"mlp_only_layers contains {i}, outside [0, num_hidden_layers={c.num_hidden_layers})")
+        need(
+            0 <= i < c.num_hidden_layers,
+            f"mlp_only_layers contains {i}, outside [0, num_hidden_layers={c.num_hidden_layers})",
+        )
     has_dense = any(not c.is_moe_layer(i) for i in range(c.num_hidden_layers))
     if has_dense:
-        need(c.intermediate_size > 0, "intermediate_size must be > 0 when a dense layer exists "
-             f"(first_k_dense_replace={c.first_k_dense_replace}, mlp_only_layers={list(c.mlp_only_layers)})")
+        need(
+            c.intermediate_size > 0,
+            "intermediate_size must be > 0 when a dense layer exists "
+            f"(first_k_dense_replace={c.first_k_dense_replace}, mlp_only_layers={list(c.mlp_only_layers)})",
+        )
 
     # MoE
     has_moe = bool(c.moe_layer_indices)
@@ -268,41 +293,63 @@ def _validate(c: ModelConfig) -> None:
         need(E % c.n_group == 0, f"n_routed_experts={E} is not divisible by n_group={c.n_group}")
         need(1 <= c.topk_group <= c.n_group, f"topk_group={c.topk_group} must be in [1, n_group={c.n_group}]")
         per_group = E // c.n_group
-        need(k <= c.topk_group * per_group,
-             f"num_experts_per_tok={k} exceeds topk_group*experts_per_group={c.topk_group}*{per_group}: "
-             "the kept groups cannot supply that many experts")
+        need(
+            k <= c.topk_group * per_group,
+            f"num_experts_per_tok={k} exceeds topk_group*experts_per_group={c.topk_group}*{per_group}: "
+            "the kept groups cannot supply that many experts",
+        )
         if c.n_group > 1 and c.topk_method == "noaux_tc":
-            need(per_group >= 2, f"n_routed_experts/n_group={per_group} must be >= 2: "
-                 "group scores are the sum of each group's top-2 experts")
+            need(
+                per_group >= 2,
+                f"n_routed_experts/n_group={per_group} must be >= 2: "
+                "group scores are the sum of each group's top-2 experts",
+            )
     need(c.scoring_func in SCORING_FUNCS, f"scoring_func={c.scoring_func!r} must be one of {SCORING_FUNCS}")
     need(c.topk_method in TOPK_METHODS, f"topk_method={c.topk_method!r} must be one of {TOPK_METHODS}")
     need(c.routed_scaling_factor > 0, f"routed_scaling_factor={c.routed_scaling_factor} must be > 0")
     if c.capacity_factor is not None:
         need(c.capacity_factor > 0, f"capacity_factor={c.capacity_factor} must be > 0 (or None for dropless)")
-    for name in ("aux_loss_alpha", "router_aux_loss_coef", "router_z_loss_coef", "bias_update_speed",
-                 "mtp_loss_weight"):
+    for name in (
+        "aux_loss_alpha",
+        "router_aux_loss_coef",
+        "router_z_loss_coef",
+        "bias_update_speed",
+        "mtp_loss_weight",
+    ):
         v = getattr(c, name)
-        need(isinstance(v, (int, float)) and v >= 0 and math.isfinite(v), f"{name}={v!r} must be finite and >= 0")
+        need(
+            isinstance(v, (int, float)) and v >= 0 and math.isfinite(v),
+            f"{name}={v!r} must be finite and >= 0",
+        )
 
     # attention
     H = c.num_attention_heads
     if c.is_mla:
         need(c.kv_lora_rank > 0, f"kv_lora_rank={c.kv_lora_rank} must be > 0 (or null for GQA attention)")
-        need(c.q_lora_rank is None or c.q_lora_rank > 0,
-             f"q_lora_rank={c.q_lora_rank} must be > 0 or null (null = a single q_proj)")
-        need(c.qk_rope_head_dim > 0 and c.qk_rope_head_dim % 2 == 0,
-             f"qk_rope_head_dim={c.qk_rope_head_dim} must be a positive even number")
+        need(
+            c.q_lora_rank is None or c.q_lora_rank > 0,
+            f"q_lora_rank={c.q_lora_rank} must be > 0 or null (null = a single q_proj)",
+        )
+        need(
+            c.qk_rope_head_dim > 0 and c.qk_rope_head_dim % 2 == 0,
+            f"qk_rope_head_dim={c.qk_rope_head_dim} must be a positive even number",
+        )
         need(c.qk_nope_head_dim >= 0, f"qk_nope_head_dim={c.qk_nope_head_dim} must be >= 0")
         need(c.v_head_dim > 0, f"v_head_dim={c.v_head_dim} must be > 0")
     else:
         kvh = c.kv_heads
-        need(kvh >= 1 and H % kvh == 0,
-             f"num_attention_heads={H} is not divisible by num_key_value_heads={kvh}")
+        need(
+            kvh >= 1 and H % kvh == 0,
+            f"num_attention_heads={H} is not divisible by num_key_value_heads={kvh}",
+        )
         hd = c.gqa_head_dim
         need(hd > 0 and hd % 2 == 0, f"head_dim={hd} must be a positive even number (RoPE rotates pairs)")
         if c.head_dim is None:
-            need(c.hidden_size % H == 0, f"hidden_size={c.hidden_size} is not divisible by "
-                 f"num_attention_heads={H}; set head_dim explicitly")
+            need(
+                c.hidden_size % H == 0,
+                f"hidden_size={c.hidden_size} is not divisible by "
+                f"num_attention_heads={H}; set head_dim explicitly",
+            )
     need(c.qk_norm in QK_NORMS, f"qk_norm={c.qk_norm!r} must be one of {QK_NORMS}")
     need(c.rms_norm_eps > 0, f"rms_norm_eps={c.rms_norm_eps} must be > 0")
     need(c.rope_theta > 0, f"rope_theta={c.rope_theta} must be > 0")
@@ -314,66 +361,102 @@ def _validate(c: ModelConfig) -> None:
         need(kind in ROPE_TYPES, f"rope_scaling.type={kind!r} must be one of {ROPE_TYPES}")
         if kind == "yarn":
             f = rs.get("factor")
-            need(isinstance(f, (int, float)) and f >= 1,
-                 f"rope_scaling.factor={f!r} must be a number >= 1 for YaRN")
+            need(
+                isinstance(f, (int, float)) and f >= 1,
+                f"rope_scaling.factor={f!r} must be a number >= 1 for YaRN",
+            )
             L0 = rs.get("original_max_position_embeddings")
-            need(isinstance(L0, int) and L0 > 0,
-                 f"rope_scaling.original_max_position_embeddings={L0!r} must be a positive integer for YaRN")
+            need(
+                isinstance(L0, int) and L0 > 0,
+                f"rope_scaling.original_max_position_embeddings={L0!r} must be a positive integer for YaRN",
+            )
             for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
                 v = rs.get(key)
-                need(v is None or (isinstance(v, (int, float)) and v >= 0),
-                     f"rope_scaling.{key}={v!r} must be a non-negative number")
+                need(
+                    v is None or (isinstance(v, (int, float)) and v >= 0),
+                    f"rope_scaling.{key}={v!r} must be a non-negative number",
+                )
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = getattr(c, name)
-        need(v is None or (isinstance(v, int) and 0 <= v < c.vocab_size),
-             f"{name}={v!r} must be null or a token id in [0, vocab_size={c.vocab_size})")
+        need(
+            v is None or (isinstance(v, int) and 0 <= v < c.vocab_size),
+            f"{name}={v!r} must be null or a token id in [0, vocab_size={c.vocab_size})",
+        )
     _validate_v4(c)
 
 
 def _validate_v4(c: ModelConfig) -> None:
     """Rules of the DeepSeek-V4 fields; other families must leave the V4-only switches unset."""
+
     def need(ok: bool, msg: str) -> None:
         if not ok:
             raise ConfigError(msg)
 
     if not c.is_v4:
         need(not c.layer_types, f"layer_types={list(c.layer_types)} is only read by model_type='deepseek_v4'")
-        need(c.num_hash_layers == 0, f"num_hash_layers={c.num_hash_layers} is only read by "
-             "model_type='deepseek_v4' (hash routing needs the V4 router)")
+        need(
+            c.num_hash_layers == 0,
+            f"num_hash_layers={c.num_hash_layers} is only read by "
+            "model_type='deepseek_v4' (hash routing needs the V4 router)",
+        )
         return
     L = c.num_hidden_layers
     if c.layer_types:
-        need(len(c.layer_types) == L, f"layer_types has {len(c.layer_types)} entries; the rule is one per "
-             f"layer (num_hidden_layers={L})")
+        need(
+            len(c.layer_types) == L,
+            f"layer_types has {len(c.layer_types)} entries; the rule is one per "
+            f"layer (num_hidden_layers={L})",
+        )
         bad = sorted({t for t in c.layer_types if t not in V4_LAYER_TYPES})
         need(not bad, f"layer_types contains {bad}; each entry must be one of {V4_LAYER_TYPES}")
     need(not c.is_mla, f"kv_lora_rank={c.kv_lora_rank} must be null for deepseek_v4 (one shared K=V head)")
     need(c.kv_heads == 1, f"num_key_value_heads={c.num_key_value_heads} must be 1 for deepseek_v4")
     d, r = c.gqa_head_dim, c.qk_rope_head_dim
-    need(r > 0 and r % 2 == 0 and r <= d,
-         f"qk_rope_head_dim={r} must be a positive even number <= head_dim={d} (the rope slice of a head)")
-    need(c.q_lora_rank is not None and c.q_lora_rank > 0,
-         f"q_lora_rank={c.q_lora_rank} must be > 0 for deepseek_v4 (low-rank queries feed the indexer)")
-    need(c.o_groups >= 1 and (c.num_attention_heads * d) % c.o_groups == 0,
-         f"o_groups={c.o_groups} must divide num_attention_heads*head_dim={c.num_attention_heads * d}")
-    for name in ("o_lora_rank", "hc_mult", "hc_sinkhorn_iters", "index_n_heads", "index_topk",
-                 "compress_rate_csa", "compress_rate_hca"):
+    need(
+        r > 0 and r % 2 == 0 and r <= d,
+        f"qk_rope_head_dim={r} must be a positive even number <= head_dim={d} (the rope slice of a head)",
+    )
+    need(
+        c.q_lora_rank is not None and c.q_lora_rank > 0,
+        f"q_lora_rank={c.q_lora_rank} must be > 0 for deepseek_v4 (low-rank queries feed the indexer)",
+    )
+    need(
+        c.o_groups >= 1 and (c.num_attention_heads * d) % c.o_groups == 0,
+        f"o_groups={c.o_groups} must divide num_attention_heads*head_dim={c.num_attention_heads * d}",
+    )
+    for name in (
+        "o_lora_rank",
+        "hc_mult",
+        "hc_sinkhorn_iters",
+        "index_n_heads",
+        "index_topk",
+        "compress_rate_csa",
+        "compress_rate_hca",
+    ):
         v = getattr(c, name)
         need(isinstance(v, int) and v >= 1, f"{name}={v!r} must be a positive integer")
-    need(c.sliding_window is not None and c.sliding_window >= 1,
-         f"sliding_window={c.sliding_window!r} must be a positive integer for deepseek_v4 "
-         "(every layer has one)")
-    need(c.index_head_dim >= r and c.index_head_dim % 2 == 0,
-         f"index_head_dim={c.index_head_dim} must be even and >= qk_rope_head_dim={r}")
+    need(
+        c.sliding_window is not None and c.sliding_window >= 1,
+        f"sliding_window={c.sliding_window!r} must be a positive integer for deepseek_v4 "
+        "(every layer has one)",
+    )
+    need(
+        c.index_head_dim >= r and c.index_head_dim % 2 == 0,
+        f"index_head_dim={c.index_head_dim} must be even and >= qk_rope_head_dim={r}",
+    )
     need(0 <= c.num_hash_layers <= L, f"num_hash_layers={c.num_hash_layers} must be in [0, {L}]")
-    need(c.first_k_dense_replace == 0 and not c.mlp_only_layers,
-         "deepseek_v4 has no dense layers: first_k_dense_replace must be 0 and mlp_only_layers empty")
+    need(
+        c.first_k_dense_replace == 0 and not c.mlp_only_layers,
+        "deepseek_v4 has no dense layers: first_k_dense_replace must be 0 and mlp_only_layers empty",
+    )
     need(c.n_shared_experts <= 1, f"n_shared_experts={c.n_shared_experts} must be 0 or 1 for deepseek_v4")
     need(c.swiglu_limit is None or c.swiglu_limit > 0, f"swiglu_limit={c.swiglu_limit} must be > 0 or null")
     need(c.hc_eps > 0, f"hc_eps={c.hc_eps} must be > 0")
     need(c.compress_rope_theta > 0, f"compress_rope_theta={c.compress_rope_theta} must be > 0")
-    need(c.index_loss_coef >= 0 and math.isfinite(c.index_loss_coef),
-         f"index_loss_coef={c.index_loss_coef} must be finite and >= 0")
+    need(
+        c.index_loss_coef >= 0 and math.isfinite(c.index_loss_coef),
+        f"index_loss_coef={c.index_loss_coef} must be finite and >= 0",
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,72 +464,209 @@ def _validate_v4(c: ModelConfig) -> None:
 # the CPU demo size and `micro` the test size.
 
 
-def _yarn(factor: float, L0: int, beta_fast: float = 32, beta_slow: float = 1, mscale: float = 1.0,
-          mscale_all_dim: float = 1.0) -> dict[str, Any]:
-    return {"type": "yarn", "factor": factor, "original_max_position_embeddings": L0,
-            "beta_fast": beta_fast, "beta_slow": beta_slow, "mscale": mscale, "mscale_all_dim": mscale_all_dim}
+def _yarn(
+    factor: float,
+    L0: int,
+    beta_fast: float = 32,
+    beta_slow: float = 1,
+    mscale: float = 1.0,
+    mscale_all_dim: float = 1.0,
+) -> dict[str, Any]:
+    return {
+        "type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": L0,
+        "beta_fast": beta_fast,
+        "beta_slow": beta_slow,
+        "mscale": mscale,
+        "mscale_all_dim": mscale_all_dim,
+    }
 
 
 _DEEPSEEK_V3 = dict(
-    model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, num_hidden_layers=61,
-    intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
-    num_experts_per_tok=8, first_k_dense_replace=3, n_group=8, topk_group=4, routed_scaling_factor=2.5,
-    scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, num_attention_heads=128,
-    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-    rope_theta=10000.0, rope_scaling=_yarn(40, 4096), rope_interleave=True, max_position_embeddings=163840,
-    num_nextn_predict_layers=1, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=1, aux_loss_alpha=1e-4,
+    model_type="deepseek_v3",
+    vocab_size=129280,
+    hidden_size=7168,
+    num_hidden_layers=61,
+    intermediate_size=18432,
+    moe_intermediate_size=2048,
+    n_routed_experts=256,
+    n_shared_experts=1,
+    num_experts_per_tok=8,
+    first_k_dense_replace=3,
+    n_group=8,
+    topk_group=4,
+    routed_scaling_factor=2.5,
+    scoring_func="sigmoid",
+    topk_method="noaux_tc",
+    norm_topk_prob=True,
+    num_attention_heads=128,
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    rope_theta=10000.0,
+    rope_scaling=_yarn(40, 4096),
+    rope_interleave=True,
+    max_position_embeddings=163840,
+    num_nextn_predict_layers=1,
+    rms_norm_eps=1e-6,
+    bos_token_id=0,
+    eos_token_id=1,
+    aux_loss_alpha=1e-4,
 )
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "deepseek-v3": _DEEPSEEK_V3,
     "kimi-k2": {
-        **_DEEPSEEK_V3, "model_type": "kimi_k2", "vocab_size": 163840, "first_k_dense_replace": 1,
-        "n_routed_experts": 384, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.827,
-        "num_attention_heads": 64, "rope_theta": 50000.0, "rope_scaling": _yarn(32, 4096, beta_fast=1, beta_slow=1),
-        "max_position_embeddings": 131072, "num_nextn_predict_layers": 0,
-        "bos_token_id": 163584, "eos_token_id": 163585,
+        **_DEEPSEEK_V3,
+        "model_type": "kimi_k2",
+        "vocab_size": 163840,
+        "first_k_dense_replace": 1,
+        "n_routed_experts": 384,
+        "n_group": 1,
+        "topk_group": 1,
+        "routed_scaling_factor": 2.827,
+        "num_attention_heads": 64,
+        "rope_theta": 50000.0,
+        "rope_scaling": _yarn(32, 4096, beta_fast=1, beta_slow=1),
+        "max_position_embeddings": 131072,
+        "num_nextn_predict_layers": 0,
+        "bos_token_id": 163584,
+        "eos_token_id": 163585,
     },
     "deepseek-v2-lite": dict(
-        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, num_hidden_layers=27,
-        intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2,
-        num_experts_per_tok=6, first_k_dense_replace=1, n_group=1, topk_group=1, routed_scaling_factor=1.0,
-        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, num_attention_heads=16,
-        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        rope_theta=10000.0, rope_scaling=_yarn(40, 4096, mscale=0.707, mscale_all_dim=0.707),
-        rope_interleave=True, max_position_embeddings=163840, rms_norm_eps=1e-6,
-        bos_token_id=100000, eos_token_id=100001, aux_loss_alpha=1e-3,
+        model_type="deepseek_v2",
+        vocab_size=102400,
+        hidden_size=2048,
+        num_hidden_layers=27,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=False,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        rope_theta=10000.0,
+        rope_scaling=_yarn(40, 4096, mscale=0.707, mscale_all_dim=0.707),
+        rope_interleave=True,
+        max_position_embeddings=163840,
+        rms_norm_eps=1e-6,
+        bos_token_id=100000,
+        eos_token_id=100001,
+        aux_loss_alpha=1e-3,
     ),
     "qwen3-30b-a3b": dict(
-        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, num_hidden_layers=48,
-        intermediate_size=6144, moe_intermediate_size=768, n_routed_experts=128, n_shared_experts=0,
-        num_experts_per_tok=8, scoring_func="softmax", topk_method="greedy", norm_topk_prob=True,
-        num_attention_heads=32, num_key_value_heads=4, head_dim=128, qk_norm="head",
-        rope_theta=1_000_000.0, rope_interleave=False, max_position_embeddings=40960, rms_norm_eps=1e-6,
-        bos_token_id=151643, eos_token_id=151645, router_aux_loss_coef=1e-3,
+        model_type="qwen3_moe",
+        vocab_size=151936,
+        hidden_size=2048,
+        num_hidden_layers=48,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        n_routed_experts=128,
+        n_shared_experts=0,
+        num_experts_per_tok=8,
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=True,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        qk_norm="head",
+        rope_theta=1_000_000.0,
+        rope_interleave=False,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        router_aux_loss_coef=1e-3,
     ),
     "qwen3-235b-a22b": dict(
-        model_type="qwen3_moe", vocab_size=151936, hidden_size=4096, num_hidden_layers=94,
-        intermediate_size=12288, moe_intermediate_size=1536, n_routed_experts=128, n_shared_experts=0,
-        num_experts_per_tok=8, scoring_func="softmax", topk_method="greedy", norm_topk_prob=True,
-        num_attention_heads=64, num_key_value_heads=4, head_dim=128, qk_norm="head",
-        rope_theta=1_000_000.0, rope_interleave=False, max_position_embeddings=40960, rms_norm_eps=1e-6,
-        bos_token_id=151643, eos_token_id=151645, router_aux_loss_coef=1e-3,
+        model_type="qwen3_moe",
+        vocab_size=151936,
+        hidden_size=4096,
+        num_hidden_layers=94,
+        intermediate_size=12288,
+        moe_intermediate_size=1536,
+        n_routed_experts=128,
+        n_shared_experts=0,
+        num_experts_per_tok=8,
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=True,
+        num_attention_heads=64,
+        num_key_value_heads=4,
+        head_dim=128,
+        qk_norm="head",
+        rope_theta=1_000_000.0,
+        rope_interleave=False,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        router_aux_loss_coef=1e-3,
     ),
     "mixtral-8x7b": dict(
-        model_type="mixtral", vocab_size=32000, hidden_size=4096, num_hidden_layers=32,
-        intermediate_size=14336, moe_intermediate_size=14336, n_routed_experts=8, n_shared_experts=0,
-        num_experts_per_tok=2, scoring_func="softmax", topk_method="greedy", norm_topk_prob=True,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1_000_000.0,
-        rope_interleave=False, max_position_embeddings=32768, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, router_aux_loss_coef=0.02,
+        model_type="mixtral",
+        vocab_size=32000,
+        hidden_size=4096,
+        num_hidden_layers=32,
+        intermediate_size=14336,
+        moe_intermediate_size=14336,
+        n_routed_experts=8,
+        n_shared_experts=0,
+        num_experts_per_tok=2,
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=True,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        rope_theta=1_000_000.0,
+        rope_interleave=False,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        router_aux_loss_coef=0.02,
     ),
     "olmoe-1b-7b": dict(
-        model_type="olmoe", vocab_size=50304, hidden_size=2048, num_hidden_layers=16,
-        intermediate_size=1024, moe_intermediate_size=1024, n_routed_experts=64, n_shared_experts=0,
-        num_experts_per_tok=8, scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
-        num_attention_heads=16, num_key_value_heads=16, head_dim=128, qk_norm="full",
-        rope_theta=10000.0, rope_interleave=False, max_position_embeddings=4096, rms_norm_eps=1e-5,
-        bos_token_id=None, eos_token_id=50279, pad_token_id=1, router_aux_loss_coef=0.01,
+        model_type="olmoe",
+        vocab_size=50304,
+        hidden_size=2048,
+        num_hidden_layers=16,
+        intermediate_size=1024,
+        moe_intermediate_size=1024,
+        n_routed_experts=64,
+        n_shared_experts=0,
+        num_experts_per_tok=8,
+        scoring_func="softmax",
+        topk_method="greedy",
+        norm_topk_prob=False,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        head_dim=128,
+        qk_norm="full",
+        rope_theta=10000.0,
+        rope_interleave=False,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=None,
+        eos_token_id=50279,
+        pad_token_id=1,
+        router_aux_loss_coef=0.01,
         router_z_loss_coef=1e-3,
     ),
     # Not a release: the seed article's DeepSeek-V4 description (about 1T total, about 32B active, 16
@@ -454,71 +674,187 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # V3's skeleton, Kimi K2's 64 heads, experts split in two (width 1024, top-16, 2 shared of the
     # new width = V3's one shared expert), E raised to 768 to reach ~1T. docs/cost.md derives it.
     "v4-seed": {
-        **_DEEPSEEK_V3, "n_routed_experts": 768, "moe_intermediate_size": 1024, "num_experts_per_tok": 16,
-        "n_shared_experts": 2, "num_attention_heads": 64,
+        **_DEEPSEEK_V3,
+        "n_routed_experts": 768,
+        "moe_intermediate_size": 1024,
+        "num_experts_per_tok": 16,
+        "n_shared_experts": 2,
+        "num_attention_heads": 64,
     },
     # CPU demo size: DeepSeek-V3 style (MLA, fine-grained routed experts, one shared expert,
     # sigmoid router, aux-loss-free balancing, one MTP module). Trains in minutes on 2 cores.
     "tiny": dict(
-        model_type="deepseek_v3", vocab_size=4096, hidden_size=256, num_hidden_layers=4,
-        intermediate_size=768, moe_intermediate_size=128, n_routed_experts=32, n_shared_experts=1,
-        num_experts_per_tok=6, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-        scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, num_attention_heads=4,
-        q_lora_rank=96, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        rope_theta=10000.0, rope_scaling=_yarn(4, 256), rope_interleave=True, max_position_embeddings=1024,
-        num_nextn_predict_layers=1, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=0,
+        model_type="deepseek_v3",
+        vocab_size=4096,
+        hidden_size=256,
+        num_hidden_layers=4,
+        intermediate_size=768,
+        moe_intermediate_size=128,
+        n_routed_experts=32,
+        n_shared_experts=1,
+        num_experts_per_tok=6,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        norm_topk_prob=True,
+        num_attention_heads=4,
+        q_lora_rank=96,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        rope_theta=10000.0,
+        rope_scaling=_yarn(4, 256),
+        rope_interleave=True,
+        max_position_embeddings=1024,
+        num_nextn_predict_layers=1,
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=0,
     ),
     # Test size: every DeepSeek-V3 feature at toy width (groups, bias, shared expert, MTP, YaRN with a
     # short original length so tests run past it).
     "micro": dict(
-        model_type="deepseek_v3", vocab_size=256, hidden_size=64, num_hidden_layers=3,
-        intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=2, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-        scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, num_attention_heads=4,
-        q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-        rope_theta=10000.0, rope_scaling=_yarn(4, 32), rope_interleave=True, max_position_embeddings=128,
-        num_nextn_predict_layers=1, rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=0,
+        model_type="deepseek_v3",
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        norm_topk_prob=True,
+        num_attention_heads=4,
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        rope_theta=10000.0,
+        rope_scaling=_yarn(4, 32),
+        rope_interleave=True,
+        max_position_embeddings=128,
+        num_nextn_predict_layers=1,
+        rms_norm_eps=1e-6,
+        bos_token_id=None,
+        eos_token_id=0,
     ),
 }
 
 # --- DeepSeek-V4 presets (shared/reference/deepseek_v4.md section 1, published config.json values).
 _V4_CSA, _V4_HCA, _V4_SW = V4_LAYER_TYPES[1], V4_LAYER_TYPES[2], V4_LAYER_TYPES[0]
 _DEEPSEEK_V4_FLASH = dict(
-    model_type="deepseek_v4", vocab_size=129280, hidden_size=4096, num_hidden_layers=43,
-    intermediate_size=2048, moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
-    num_experts_per_tok=6, first_k_dense_replace=0, n_group=1, topk_group=1, routed_scaling_factor=1.5,
-    scoring_func="sqrtsoftplus", topk_method="noaux_tc", norm_topk_prob=True, num_attention_heads=64,
-    num_key_value_heads=1, head_dim=512, q_lora_rank=1024, qk_rope_head_dim=64, rope_theta=10000.0,
-    rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32,
-                  "beta_slow": 1},
-    rope_interleave=True, max_position_embeddings=1048576, num_nextn_predict_layers=1, rms_norm_eps=1e-6,
-    bos_token_id=0, eos_token_id=1,
+    model_type="deepseek_v4",
+    vocab_size=129280,
+    hidden_size=4096,
+    num_hidden_layers=43,
+    intermediate_size=2048,
+    moe_intermediate_size=2048,
+    n_routed_experts=256,
+    n_shared_experts=1,
+    num_experts_per_tok=6,
+    first_k_dense_replace=0,
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=1.5,
+    scoring_func="sqrtsoftplus",
+    topk_method="noaux_tc",
+    norm_topk_prob=True,
+    num_attention_heads=64,
+    num_key_value_heads=1,
+    head_dim=512,
+    q_lora_rank=1024,
+    qk_rope_head_dim=64,
+    rope_theta=10000.0,
+    rope_scaling={
+        "type": "yarn",
+        "factor": 16,
+        "original_max_position_embeddings": 65536,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+    rope_interleave=True,
+    max_position_embeddings=1048576,
+    num_nextn_predict_layers=1,
+    rms_norm_eps=1e-6,
+    bos_token_id=0,
+    eos_token_id=1,
     # compress_ratios [0,0] + [4,128]*20 + [4]: 2 sliding-only, 21 CSA, 20 HCA
     layer_types=(_V4_SW, _V4_SW) + (_V4_CSA, _V4_HCA) * 20 + (_V4_CSA,),
-    compress_rate_csa=4, compress_rate_hca=128, compress_rope_theta=160000.0, sliding_window=128,
-    hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, o_groups=8, o_lora_rank=1024, index_n_heads=64,
-    index_head_dim=128, index_topk=512, num_hash_layers=3, swiglu_limit=10.0,
+    compress_rate_csa=4,
+    compress_rate_hca=128,
+    compress_rope_theta=160000.0,
+    sliding_window=128,
+    hc_mult=4,
+    hc_sinkhorn_iters=20,
+    hc_eps=1e-6,
+    o_groups=8,
+    o_lora_rank=1024,
+    index_n_heads=64,
+    index_head_dim=128,
+    index_topk=512,
+    num_hash_layers=3,
+    swiglu_limit=10.0,
 )
 _PRESETS["deepseek-v4-flash"] = _DEEPSEEK_V4_FLASH
 _PRESETS["deepseek-v4-pro"] = {
-    **_DEEPSEEK_V4_FLASH, "hidden_size": 7168, "num_hidden_layers": 61, "moe_intermediate_size": 3072,
-    "intermediate_size": 3072, "n_routed_experts": 384, "routed_scaling_factor": 2.5,
+    **_DEEPSEEK_V4_FLASH,
+    "hidden_size": 7168,
+    "num_hidden_layers": 61,
+    "moe_intermediate_size": 3072,
+    "intermediate_size": 3072,
+    "n_routed_experts": 384,
+    "routed_scaling_factor": 2.5,
     "num_attention_heads": 128,
-    "q_lora_rank": 1536, "o_groups": 16, "index_topk": 1024,
+    "q_lora_rank": 1536,
+    "o_groups": 16,
+    "index_topk": 1024,
     # compress_ratios [128,128] + [4,128]*29 + [4]: 31 HCA, 30 CSA, no sliding-only layer
     "layer_types": (_V4_HCA, _V4_HCA) + (_V4_CSA, _V4_HCA) * 29 + (_V4_CSA,),
 }
 # CPU size with every V4 part: a sliding-only, two CSA and one HCA layer (real rates 4 and 128), one hash
 # layer, four hyper-connection streams, sinks, grouped output projection, the indexer, one MTP block.
 _PRESETS["v4-tiny"] = {
-    **_DEEPSEEK_V4_FLASH, "vocab_size": 4096, "hidden_size": 256, "num_hidden_layers": 4,
-    "intermediate_size": 128, "moe_intermediate_size": 128, "n_routed_experts": 16, "num_experts_per_tok": 4,
-    "num_attention_heads": 4, "head_dim": 64, "q_lora_rank": 64, "qk_rope_head_dim": 16,
-    "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 4096, "beta_fast": 32,
-                     "beta_slow": 1},
-    "max_position_embeddings": 16384 + 1024, "layer_types": (_V4_SW, _V4_CSA, _V4_HCA, _V4_CSA),
-    "sliding_window": 64, "o_groups": 2, "o_lora_rank": 64, "index_n_heads": 4, "index_head_dim": 32,
-    "index_topk": 64, "num_hash_layers": 1, "bos_token_id": None, "eos_token_id": 0,
+    **_DEEPSEEK_V4_FLASH,
+    "vocab_size": 4096,
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 128,
+    "n_routed_experts": 16,
+    "num_experts_per_tok": 4,
+    "num_attention_heads": 4,
+    "head_dim": 64,
+    "q_lora_rank": 64,
+    "qk_rope_head_dim": 16,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 4,
+        "original_max_position_embeddings": 4096,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+    "max_position_embeddings": 16384 + 1024,
+    "layer_types": (_V4_SW, _V4_CSA, _V4_HCA, _V4_CSA),
+    "sliding_window": 64,
+    "o_groups": 2,
+    "o_lora_rank": 64,
+    "index_n_heads": 4,
+    "index_head_dim": 32,
+    "index_topk": 64,
+    "num_hash_layers": 1,
+    "bos_token_id": None,
+    "eos_token_id": 0,
     "index_loss_coef": 1.0,  # train the lightning indexer too (transformers' V4 leaves it without gradient)
 }
 
@@ -538,4 +874,3 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 __all__ = ["ConfigError", "ModelConfig", "PRESET_NAMES", "get_preset"]
-

@@ -41,10 +41,23 @@ def demo_config(run_dir: str, steps: int, balance: str, seed: int) -> TrainConfi
     # are too small to gain) and fp32 keeps resume bit-exact. The bias step u = 0.01 (paper: 1e-3 over
     # 14.3T tokens): with sign updates the bias moves at most u per step, and a short run needs a larger
     # step to reach balance.
-    return TrainConfig(run_dir=run_dir, preset="tiny", vocab_size=4096, seq_len=256, batch_size=16, steps=steps,
-                       lr=3e-3, warmup_steps=max(1, steps // 10), eval_every=max(1, steps // 4), eval_batches=2,
-                       save_every=max(1, steps // 2), balance=balance, bias_update_speed=0.01, bf16=False,
-                       seed=seed)
+    return TrainConfig(
+        run_dir=run_dir,
+        preset="tiny",
+        vocab_size=4096,
+        seq_len=256,
+        batch_size=16,
+        steps=steps,
+        lr=3e-3,
+        warmup_steps=max(1, steps // 10),
+        eval_every=max(1, steps // 4),
+        eval_batches=2,
+        save_every=max(1, steps // 2),
+        balance=balance,
+        bias_update_speed=0.01,
+        bf16=False,
+        seed=seed,
+    )
 
 
 def sample_generations(trainer: Trainer, tokenizer: wdata.Tokenizer, max_new_tokens: int = 48) -> list[dict]:

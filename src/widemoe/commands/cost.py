@@ -113,8 +113,9 @@ def summary(c: ModelConfig, o: Options | None = None) -> dict[str, Any]:
             "batch": o.batch,
             "kv_bytes_at_context": kv_ctx,
             # the same context in DeepSeek-V3's MLA cache, for contrast with V4's compressed caches
-            "deepseek_v3_kv_bytes_at_context": (kv_bytes(get_preset("deepseek-v3"), o.context, o.batch, o.kv_dtype)
-                                                if c.is_v4 else None),
+            "deepseek_v3_kv_bytes_at_context": (
+                kv_bytes(get_preset("deepseek-v3"), o.context, o.batch, o.kv_dtype) if c.is_v4 else None
+            ),
             "training_per_gpu": {
                 "dp": o.dp,
                 "ep": o.ep,
@@ -284,8 +285,17 @@ def render_one(console: Any, name: str, c: ModelConfig, s: dict[str, Any], o: Op
             f"{c.num_hidden_layers} layers",
         ),
         (f"KV cache at {m['context']:,} x batch {m['batch']}", _bytes(m["kv_bytes_at_context"]), ""),
-        *([(f"DeepSeek-V3 MLA cache at {m['context']:,}", _bytes(m["deepseek_v3_kv_bytes_at_context"]),
-            "for contrast")] if m.get("deepseek_v3_kv_bytes_at_context") else []),
+        *(
+            [
+                (
+                    f"DeepSeek-V3 MLA cache at {m['context']:,}",
+                    _bytes(m["deepseek_v3_kv_bytes_at_context"]),
+                    "for contrast",
+                )
+            ]
+            if m.get("deepseek_v3_kv_bytes_at_context")
+            else []
+        ),
     ]
     t = m["training_per_gpu"]
     rows.append(

@@ -29,8 +29,12 @@ from widemoe.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from widemoe.model.moe import MoE, RoutingInfo
 
 IGNORE_INDEX = -100
-AUX_LOSS_COEF_FIELDS = {"seq_aux": "aux_loss_alpha", "switch_aux": "router_aux_loss_coef",
-                        "z_loss": "router_z_loss_coef", "index_kl": "index_loss_coef"}
+AUX_LOSS_COEF_FIELDS = {
+    "seq_aux": "aux_loss_alpha",
+    "switch_aux": "router_aux_loss_coef",
+    "z_loss": "router_z_loss_coef",
+    "index_kl": "index_loss_coef",
+}
 
 
 @dataclass
@@ -54,16 +58,23 @@ class DecoderLayer(nn.Module):
         self.self_attn = build_attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         use_moe = config.is_moe_layer(layer_idx) if moe is None else moe
-        self.mlp: nn.Module = (MoE(config, layer_idx) if use_moe
-                               else SwiGLU(config.hidden_size, config.intermediate_size))
+        self.mlp: nn.Module = (
+            MoE(config, layer_idx) if use_moe else SwiGLU(config.hidden_size, config.intermediate_size)
+        )
 
     @property
     def is_moe(self) -> bool:
         return isinstance(self.mlp, MoE)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask_BTS: torch.Tensor | None,
-                cache: LayerCache | None = None, token_ids_BT: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, RoutingInfo | None]:
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask_BTS: torch.Tensor | None,
+        cache: LayerCache | None = None,
+        token_ids_BT: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RoutingInfo | None]:
         x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, mask_BTS, cache)
         h = self.post_attention_layernorm(x_BTD)
         if self.is_moe:
@@ -85,15 +96,22 @@ class MTPModule(nn.Module):
         self.block = DecoderLayer(config, config.num_hidden_layers + depth, moe=has_moe)
         self.shared_head_norm = RMSNorm(D, config.rms_norm_eps)
 
-    def forward(self, h_prev_BTD: torch.Tensor, emb_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask_BTS: torch.Tensor | None, token_ids_BT: torch.Tensor | None
-                ) -> tuple[torch.Tensor, RoutingInfo | None]:
+    def forward(
+        self,
+        h_prev_BTD: torch.Tensor,
+        emb_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask_BTS: torch.Tensor | None,
+        token_ids_BT: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, RoutingInfo | None]:
         h = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(h_prev_BTD)], dim=-1))
         return self.block(h, cos, sin, mask_BTS, None, token_ids_BT)
 
 
-def build_mask(attention_mask_BS: torch.Tensor | None, B: int, T: int, past: int,
-               device: torch.device) -> torch.Tensor:
+def build_mask(
+    attention_mask_BS: torch.Tensor | None, B: int, T: int, past: int, device: torch.device
+) -> torch.Tensor:
     """Boolean [B, T, S] mask: query slot past+i may see key slot j iff j <= past+i and key j is valid.
 
     Slots (not position ids) decide causality, so left padding and chunked prefill both work.
@@ -105,8 +123,10 @@ def build_mask(attention_mask_BS: torch.Tensor | None, B: int, T: int, past: int
     if attention_mask_BS is None:
         return causal_TS.expand(B, T, S)
     if attention_mask_BS.shape != (B, S):
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask_BS.shape)}; expected (batch={B}, "
-                         f"cached+new={S}) covering the cached and the new tokens")
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask_BS.shape)}; expected (batch={B}, "
+            f"cached+new={S}) covering the cached and the new tokens"
+        )
     return causal_TS[None] & attention_mask_BS.bool()[:, None, :]
 
 
@@ -120,17 +140,22 @@ class WideMoeModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config)
         self.mtp = nn.ModuleList(MTPModule(config, k) for k in range(config.num_nextn_predict_layers))
 
-    def positions(self, attention_mask_BS: torch.Tensor | None, B: int, T: int, past: int,
-                  device: torch.device) -> torch.Tensor:
+    def positions(
+        self, attention_mask_BS: torch.Tensor | None, B: int, T: int, past: int, device: torch.device
+    ) -> torch.Tensor:
         if attention_mask_BS is None:
             return torch.arange(past, past + T, device=device).expand(B, T)
         # Left padding: a row's first real token gets position 0.
         pos_BS = attention_mask_BS.long().cumsum(-1) - 1
         return pos_BS[:, past:].clamp(min=0)
 
-    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BS: torch.Tensor | None = None,
-                position_ids_BT: torch.Tensor | None = None, cache: KVCache | None = None,
-                ) -> tuple[torch.Tensor, list[RoutingInfo], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    def forward(
+        self,
+        input_ids_BT: torch.Tensor,
+        attention_mask_BS: torch.Tensor | None = None,
+        position_ids_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, list[RoutingInfo], tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Returns (h_pre_norm_BTD, routing, (cos, sin), mask_BTS); the mask is None for plain causal."""
         B, T = input_ids_BT.shape
         past = cache.seq_len if cache is not None else 0
@@ -144,7 +169,9 @@ class WideMoeModel(nn.Module):
         x = self.embed_tokens(input_ids_BT)
         routing: list[RoutingInfo] = []
         for i, layer in enumerate(self.layers):
-            x, info = layer(x, cos, sin, mask_BTS, cache.layer(i) if cache is not None else None, input_ids_BT)
+            x, info = layer(
+                x, cos, sin, mask_BTS, cache.layer(i) if cache is not None else None, input_ids_BT
+            )
             if info is not None:
                 routing.append(info)
         if cache is not None:
@@ -187,7 +214,10 @@ class WideMoeForCausalLM(nn.Module):
                 p.normal_(0.0, std)
         for name, buf in self.named_buffers():
             # Balancing state starts neutral: zero selection bias, zero load counts.
-            if not buf.is_meta and name.rsplit(".", 1)[-1] in ("e_score_correction_bias", "tokens_per_expert"):
+            if not buf.is_meta and name.rsplit(".", 1)[-1] in (
+                "e_score_correction_bias",
+                "tokens_per_expert",
+            ):
                 buf.zero_()
         extra = getattr(self.model, "reset_extra_parameters", None)
         if extra is not None:
@@ -203,10 +233,16 @@ class WideMoeForCausalLM(nn.Module):
         return self.model.new_cache()
 
     # --- forward ---------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, logits_to_keep: int = 0) -> CausalLMOutput:
-        """`labels[b, i]` is the token that follows `input_ids[b, i]` (already shifted), IGNORE_INDEX to skip."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """`labels[b, i]` is the token after `input_ids[b, i]` (already shifted); IGNORE_INDEX skips it."""
         h, routing, (cos, sin), mask = self.model(input_ids, attention_mask, position_ids, cache)
         hidden = self.model.final_norm(h)
         if logits_to_keep > 0:
@@ -217,7 +253,9 @@ class WideMoeForCausalLM(nn.Module):
             return out
 
         cfg = self.config
-        out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        out.lm_loss = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
+        )
         loss = out.lm_loss
         if len(self.model.mtp) > 0 and cfg.mtp_loss_weight > 0:
             out.mtp_loss = self._mtp_loss(h, labels, cos, sin, mask, routing)
@@ -228,8 +266,15 @@ class WideMoeForCausalLM(nn.Module):
         out.loss = loss
         return out
 
-    def _mtp_loss(self, h_BTD: torch.Tensor, labels_BT: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  mask_BTS: torch.Tensor, routing: list[RoutingInfo]) -> torch.Tensor:
+    def _mtp_loss(
+        self,
+        h_BTD: torch.Tensor,
+        labels_BT: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask_BTS: torch.Tensor,
+        routing: list[RoutingInfo],
+    ) -> torch.Tensor:
         """Depth d (1-based) at position i embeds t_{i+d} = labels[i+d-1] and predicts labels[i+d]."""
         B, T = labels_BT.shape
         losses = []
@@ -237,7 +282,7 @@ class WideMoeForCausalLM(nn.Module):
         for k, module in enumerate(self.model.mtp):
             d = k + 1
             pad = labels_BT.new_full((B, d), IGNORE_INDEX)
-            shifted = torch.cat([labels_BT[:, d - 1:], pad[:, : d - 1]], dim=1)  # t_{i+d}
+            shifted = torch.cat([labels_BT[:, d - 1 :], pad[:, : d - 1]], dim=1)  # t_{i+d}
             target = torch.cat([labels_BT[:, d:], pad], dim=1)[:, :T]  # t_{i+d+1}
             emb_ids = shifted.clamp(min=0)  # ignored positions embed token 0; their targets are ignored
             target = target.masked_fill(shifted == IGNORE_INDEX, IGNORE_INDEX)
@@ -245,8 +290,9 @@ class WideMoeForCausalLM(nn.Module):
             if info is not None:
                 routing.append(info)
             logits = self.lm_head(module.shared_head_norm(h_prev))
-            losses.append(F.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
-                                          ignore_index=IGNORE_INDEX))
+            losses.append(
+                F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
+            )
         return torch.stack(losses).mean()
 
     @staticmethod
@@ -258,8 +304,13 @@ class WideMoeForCausalLM(nn.Module):
         return {name: torch.stack(vals).mean() for name, vals in sums.items()}
 
 
-def build_model(config: ModelConfig, *, device: str | torch.device | None = None,
-                dtype: torch.dtype | None = None, seed: int | None = None) -> WideMoeForCausalLM:
+def build_model(
+    config: ModelConfig,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    seed: int | None = None,
+) -> WideMoeForCausalLM:
     """Build and initialise a model; `device="meta"` allocates nothing (for counting and loading)."""
     if seed is not None:
         torch.manual_seed(seed)
@@ -270,5 +321,13 @@ def build_model(config: ModelConfig, *, device: str | torch.device | None = None
     return model
 
 
-__all__ = ["CausalLMOutput", "DecoderLayer", "IGNORE_INDEX", "MTPModule", "WideMoeForCausalLM", "WideMoeModel",
-           "build_mask", "build_model"]
+__all__ = [
+    "CausalLMOutput",
+    "DecoderLayer",
+    "IGNORE_INDEX",
+    "MTPModule",
+    "WideMoeForCausalLM",
+    "WideMoeModel",
+    "build_mask",
+    "build_model",
+]
