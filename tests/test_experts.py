@@ -216,3 +216,21 @@ def test_threads_backend_splits_experts_and_works_in_inference_mode():
         _compare(m, x, ids, w, "threads")
     finally:
         torch.set_num_threads(prev)
+
+
+def test_threads_backend_splits_one_large_expert_between_workers():
+    """One expert holds most rows, so the equal-row cut falls inside it: both halves' weight gradients
+    must be summed, and outputs and every gradient still equal the reference loop's."""
+    m = _experts(4, D=32, I=16, k=1)
+    N = 400
+    ids = torch.zeros(N, 1, dtype=torch.long)
+    ids[300:, 0] = 1  # expert 0: 300 rows, expert 1: 100 rows; the cut at 200 splits expert 0
+    w = torch.rand(N, 1, generator=torch.Generator().manual_seed(1)) + 0.1
+    x = torch.randn(N, 32, generator=torch.Generator().manual_seed(2))
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)  # two workers
+    try:
+        # 300-row reductions in a different order: rounding-level differences only (a missed half would be O(1))
+        _compare(m, x, ids, w, "threads", rtol=1e-4, atol=1e-5)
+    finally:
+        torch.set_num_threads(prev)
