@@ -230,7 +230,7 @@ def test_threads_backend_splits_one_large_expert_between_workers():
     prev = torch.get_num_threads()
     torch.set_num_threads(2)  # two workers
     try:
-        # 300-row reductions in a different order: rounding-level differences only (a missed half would be O(1))
+        # 300-row sums in another order: rounding-level differences (a missed half would be O(1))
         _compare(m, x, ids, w, "threads", rtol=1e-4, atol=1e-5)
     finally:
         torch.set_num_threads(prev)
