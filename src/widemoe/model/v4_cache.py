@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from widemoe.cache import LayerCache
+from widemoe.cache import KVCache, LayerCache
 
 
 @dataclass
@@ -78,6 +78,11 @@ class V4LayerCache:
         self.comp: dict[str, CompressorState] = {}
         self.seen = 0  # tokens that went through this layer
 
+    @property
+    def seq_len(self) -> int:
+        """Tokens this layer has taken (what `KVCache.advance` checks)."""
+        return self.seen
+
     def update_window(self, kv_BTd: torch.Tensor) -> torch.Tensor:
         """Returns the stored window followed by the new keys ``[B, P + T, d]``; keeps the last W-1."""
         full = kv_BTd if self.window is None else torch.cat([self.window, kv_BTd], dim=1)
@@ -104,8 +109,8 @@ class V4LayerCache:
             s.select(idx)
 
 
-class V4Cache:
-    """One `V4LayerCache` per decoder layer; same outer interface as `widemoe.cache.KVCache`."""
+class V4Cache(KVCache):
+    """One `V4LayerCache` per decoder layer; `layer`, `advance`, `nbytes` and `select` are KVCache's."""
 
     def __init__(self, num_layers: int, sliding_window: int) -> None:
         if num_layers <= 0:
@@ -113,36 +118,14 @@ class V4Cache:
         self.layers = [V4LayerCache(sliding_window) for _ in range(num_layers)]
         self._committed = 0
 
-    def layer(self, i: int) -> V4LayerCache:
-        return self.layers[i]
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
     @property
     def seq_len(self) -> int:
+        """Positions confirmed by `advance` (a layer's window keeps only the last W-1 of them)."""
         return self._committed
-
-    def advance(self, T: int) -> None:
-        want = self._committed + T
-        bad = [i for i, lc in enumerate(self.layers) if lc.seen != want]
-        if bad:
-            raise RuntimeError(f"V4Cache.advance({T}): layers {bad[:8]} saw "
-                               f"{[self.layers[i].seen for i in bad[:8]]} tokens, expected {want}; "
-                               "the rule is every layer takes each new token once")
-        self._committed = want
-
-    def nbytes(self) -> int:
-        """Bytes of keys held: sliding windows, compressed entries and index keys (the KV formula)."""
-        return sum(lc.nbytes() for lc in self.layers)
 
     def state_nbytes(self) -> int:
         """Bytes of the open-window buffers and CSA overlap state (bounded, not per token)."""
         return sum(lc.state_nbytes() for lc in self.layers)
-
-    def select(self, batch_idx: torch.Tensor) -> None:
-        for lc in self.layers:
-            lc.select(batch_idx)
 
 
 __all__ = ["CompressorState", "V4Cache", "V4LayerCache"]
