@@ -59,14 +59,15 @@ def convert(
     from widemoe.hf.keymap import Slot, redundant_hf_keys, slot_to_hf
     from widemoe.hf.loader import (
         LoadError,
+        drop_absent_mtp,
         find_weight_files,
-        layer_index,
         model_targets,
         plan_load,
         read_hf_config,
         read_tensor,
         read_tensor_table,
         resolve_dtype,
+        target_shapes,
     )
     from widemoe.hf.saver import Pending, write_metadata, write_sharded, write_tokenizer
     from widemoe.model.transformer import build_model
@@ -75,15 +76,15 @@ def convert(
     cfg, notices = hf_to_model_config(hf, source=str(src / "config.json"))
     spec = fp8mod.parse_quantization_config(hf.get("quantization_config"), source=str(src / "config.json"))
     table = read_tensor_table(src, find_weight_files(src))
-    if cfg.num_nextn_predict_layers and not any(layer_index(k) >= cfg.num_hidden_layers for k in table):
-        notices.append("config declares MTP modules but the checkpoint has none; converted without MTP")
-        cfg = cfg.replace(num_nextn_predict_layers=0)
+    cfg, notice = drop_absent_mtp(cfg, table)
+    if notice:
+        notices.append(notice)
     dt = resolve_dtype(dtype, hf)
     meta = build_model(cfg, device="meta").to(dt)  # the router stays fp32, as in a loaded model
     targets = model_targets(meta)
     reads, verifies, report = plan_load(
         cfg,
-        {k: (tuple(v.shape), v.dtype) for k, v in targets.items()},
+        target_shapes(targets),
         table,
         fp8=spec,
         ignore=ignore,

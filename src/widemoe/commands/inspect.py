@@ -76,11 +76,14 @@ def run(args: argparse.Namespace) -> int:
     from widemoe.hf.loader import (
         LoadError,
         PickleCheckpointError,
+        drop_absent_mtp,
         find_weight_files,
         model_targets,
+        mtp_keys,
         plan_load,
         read_hf_config,
         read_tensor_table,
+        target_shapes,
     )
     from widemoe.model.transformer import build_model
 
@@ -141,14 +144,11 @@ def run(args: argparse.Namespace) -> int:
             f"{n_scales} scale tensors (dequantised on load)"
         )
     L = cfg.num_hidden_layers
-    # DeepSeek-V3 stores MTP modules as extra layers model.layers.{L+k}; DeepSeek-V4 as mtp.{k}.* (native)
-    # or model.mtp.{k}.* (transformers names).
-    mtp_keys = [k for k in table if (k.startswith("model.layers.") and int(k.split(".")[2]) >= L)
-                or k.startswith(("mtp.", "model.mtp."))]
+    mtp = mtp_keys(table, L)
     where = "mtp.{k}" if cfg.is_v4 else f"model.layers.{L}+"
     if cfg.num_nextn_predict_layers:
         state = (
-            f"{len(mtp_keys)} tensors present" if mtp_keys else "absent from the weights (loaded without MTP)"
+            f"{len(mtp)} tensors present" if mtp else "absent from the weights (loaded without MTP)"
         )
         out.append(f"  MTP           {cfg.num_nextn_predict_layers} module(s) at {where}: {state}")
     out.append("  layers")
@@ -158,10 +158,9 @@ def run(args: argparse.Namespace) -> int:
         out.append(f"    {rng:>{w}}  {attn:<12} {ffn}")
 
     odd = list(notices)
-    if cfg.num_nextn_predict_layers and not mtp_keys:
-        cfg = cfg.replace(num_nextn_predict_layers=0)
+    cfg, _ = drop_absent_mtp(cfg, table)  # the MTP line above already says they are absent
     meta = build_model(cfg, device="meta")
-    targets = {k: (tuple(v.shape), v.dtype) for k, v in model_targets(meta).items()}
+    targets = target_shapes(model_targets(meta))
     ok = True
     try:
         plan_load(cfg, targets, table, fp8=spec, path=str(path))

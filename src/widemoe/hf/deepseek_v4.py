@@ -46,7 +46,7 @@ from torch import nn
 from widemoe.config import V4_LAYER_TYPES, ConfigError, ModelConfig
 from widemoe.hf import fp8 as fp8mod
 from widemoe.hf.keymap import Slot
-from widemoe.hf.loader import LoadError, LoadReport, TensorInfo, model_targets, read_tensor
+from widemoe.hf.loader import LoadError, LoadReport, TensorInfo, model_targets, read_tensor, target_shapes
 
 SW, CSA, HCA = V4_LAYER_TYPES
 ARCHITECTURE = "DeepseekV4ForCausalLM"
@@ -476,7 +476,7 @@ def load_v4_into(model: nn.Module, path: str | Path, cfg: ModelConfig, hf: dict[
     qc = hf.get("quantization_config") or None
     block = tuple(qc.get("weight_block_size", (128, 128))) if qc else None
     targets = model_targets(model)
-    reads, report = plan_v4({k: (tuple(v.shape), v.dtype) for k, v in targets.items()}, table,
+    reads, report = plan_v4(target_shapes(targets), table,
                             block=block, ignore=ignore, path=str(path))
     with torch.no_grad():
         for name in report.zero_filled:

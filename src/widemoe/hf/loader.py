@@ -476,7 +476,7 @@ def load_into(
     targets = model_targets(model)
     reads, verifies, report = plan_load(
         cfg,
-        {k: (tuple(v.shape), v.dtype) for k, v in targets.items()},
+        target_shapes(targets),
         table,
         fp8=fp8,
         ignore=ignore,
@@ -488,6 +488,30 @@ def load_into(
 def layer_index(key: str) -> int:
     m = re.match(r"^model\.layers\.(\d+)\.", key)
     return int(m[1]) if m else -1
+
+
+def mtp_keys(table: Iterable[str], num_hidden_layers: int) -> list[str]:
+    """Checkpoint keys of MTP modules: DeepSeek-V3 stores them as extra layers model.layers.{L+k}.*,
+    DeepSeek-V4 as mtp.{k}.* (native names) or model.mtp.{k}.* (transformers names)."""
+    return [k for k in table if layer_index(k) >= num_hidden_layers or re.match(r"^(model\.)?mtp\.", k)]
+
+
+def drop_absent_mtp(cfg: ModelConfig, table: Iterable[str]) -> tuple[ModelConfig, str | None]:
+    """The config without MTP modules when the checkpoint has none, and the notice that says so.
+
+    transformers' save_pretrained drops DeepSeek MTP layers (it has no MTP module): load the main
+    model and say so once, rather than failing on a checkpoint that never had them.
+    """
+    if not cfg.num_nextn_predict_layers or mtp_keys(table, cfg.num_hidden_layers):
+        return cfg, None
+    notice = (f"config declares num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the checkpoint "
+              "has no MTP weights; loaded without MTP")
+    return cfg.replace(num_nextn_predict_layers=0), notice
+
+
+def target_shapes(targets: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What `plan_load` checks a checkpoint against: shape and dtype per model tensor."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in targets.items()}
 
 
 def read_hf_config(path: Path) -> dict[str, Any]:
@@ -580,16 +604,9 @@ def load_pretrained(
         log.warning("%s: %s", path, n)
     fp8mod.parse_quantization_config(hf.get("quantization_config"), source=str(path / "config.json"))
     table = read_tensor_table(path, find_weight_files(path))
-    L = cfg.num_hidden_layers
-    has_mtp = any(layer_index(k) >= L or re.match(r"^(model\.)?mtp\.", k) for k in table)
-    if cfg.num_nextn_predict_layers and not has_mtp:
-        # transformers' save_pretrained drops DeepSeek MTP layers (it has no MTP module): load the main
-        # model and say so once, rather than failing on a checkpoint that never had them.
-        notices.append(
-            f"config declares num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the "
-            "checkpoint has no MTP weights (model.layers.{num_hidden_layers}+); loaded without MTP"
-        )
-        cfg = cfg.replace(num_nextn_predict_layers=0)
+    cfg, notice = drop_absent_mtp(cfg, table)
+    if notice:
+        notices.append(notice)
     if any(path.glob("*.py")):
         notices.append("python files in the directory were ignored (never imported)")
     if model_cls is None:
