@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from widemoe.config import PRESET_NAMES, get_preset
-from widemoe.model.transformer import IGNORE_INDEX, WideMoeForCausalLM, build_model
+from widemoe.model.transformer import IGNORE_INDEX, build_model
 
 torch.set_num_threads(2)
 
@@ -169,7 +169,3 @@ def test_tied_embeddings_share_storage():
     model = build_model(get_preset("micro", tie_word_embeddings=True), seed=0)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert "lm_head.weight" not in dict(model.named_parameters())
-
-
-def test_constructor_is_the_class():
-    assert isinstance(build_model(get_preset("micro")), WideMoeForCausalLM)

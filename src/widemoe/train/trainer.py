@@ -186,11 +186,9 @@ class Trainer:
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is None:
             return None
-        from widemoe.hf import load_pretrained
+        from widemoe.hf import load_into
 
-        loaded = load_pretrained(latest, dtype=torch.float32)
-        missing = self.model.load_state_dict(loaded.state_dict(), strict=True)
-        del loaded, missing
+        load_into(self.model, latest, self.model.config)  # strict, straight into the live parameters
         st = ckpt.load_training_state(latest)
         self.optimizer.load_state_dict(st["optimizer"])
         self.scheduler.load_state_dict(st["scheduler"])
