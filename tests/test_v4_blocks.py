@@ -118,3 +118,44 @@ def test_routed_swiglu_clamp_on_every_path(impl: str) -> None:
         assert (ex(x, ids, w)[0] - ref).abs().max().item() < 1e-5
     unclamped = reference_moe(x, ex.gate_up_proj, ex.down_proj, ids, w)
     assert (unclamped - ref).abs().max().item() > 1e-2
+
+
+def test_hyper_connection_decode_path_equals_tensor_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    import widemoe.model.deepseek_v4 as d4
+
+    c = get_preset("v4-tiny")
+    torch.manual_seed(0)
+    hc = HyperConnection(c)
+    with torch.no_grad():
+        torch.nn.init.normal_(hc.fn, std=0.05)
+        hc.base.normal_(std=1.0)
+        hc.scale.uniform_(0.5, 2.0)
+    X = torch.randn(1, 2, c.hc_mult, c.hidden_size)
+    with torch.no_grad():
+        small = hc(X)  # 2 tokens: Python floats
+        monkeypatch.setattr(d4, "_SMALL_HC", 0)
+        monkeypatch.setattr(d4, "_SMALL_SINKHORN", 0)
+        big = hc(X)  # tensor ops only
+    for a, b in zip(small, big):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() < 2e-6
+
+
+def test_experts_decode_path_applies_the_clamp() -> None:
+    c = get_preset("v4-tiny")
+    assert c.swiglu_limit is not None
+    torch.manual_seed(1)
+    fast = V4Experts(c)
+    torch.nn.init.normal_(fast.gate_up_proj, std=0.5)
+    torch.nn.init.normal_(fast.down_proj, std=0.1)
+    ref = RoutedExperts(c)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(1, c.hidden_size) * 3  # pre-activations far beyond the limit
+    ids = torch.randperm(c.n_routed_experts)[: c.num_experts_per_tok][None]
+    w = torch.rand(1, c.num_experts_per_tok)
+    with torch.no_grad():
+        h = torch.einsum("kfd,d->kf", fast.gate_up_proj[ids[0]], x[0])
+        assert bool((h.abs() > c.swiglu_limit).any())  # the clamp is active in this test
+        y_fast, _ = fast(x, ids, w)
+        y_ref, _ = ref(x, ids, w)
+    assert (y_fast - y_ref).abs().max().item() < 1e-4 * y_ref.abs().max().item()

@@ -47,6 +47,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         in_dtype = x.dtype
+        if in_dtype == torch.float32 and self.weight.dtype == torch.float32:
+            # the same arithmetic (pow, mean, + eps, rsqrt, x·r, ·w) in one call: fewer dispatches
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(in_dtype)

@@ -32,7 +32,7 @@ d head width, r rope width, D hidden, q q_lora_rank, Hi/ci indexer heads/width, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -48,6 +48,9 @@ SLIDING, CSA, HCA = V4_LAYER_TYPES
 _Compressed = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]
 
 
+_ROT_MATRIX_TOKENS = 8  # B·T up to which `V4Context.rotate` uses one rotation matrix per token (decoding)
+
+
 @dataclass
 class V4Context:
     """What every V4 layer needs besides its input: positions, both rope tables, the padding mask."""
@@ -56,6 +59,55 @@ class V4Context:
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # "main" / "compress" -> cos, sin [B, T, r/2] fp32
     pad_mask_BS: torch.Tensor | None  # [B, past + T] bool (True = real token) or None
     past: int  # tokens cached before this call
+    # positions are the cache slots (no padding mask, default position ids): then a decoded token sees
+    # every stored compressed entry, and the future mask is skipped
+    positions_are_slots: bool = False
+    _rot: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)  # (kind, width) -> [B, T, c, c]
+
+    def rotate(self, x: torch.Tensor, kind: str, inverse: bool = False) -> torch.Tensor:
+        """`rope_tail` of x ``[B, T, (H,) c]`` with the ``kind`` table (``inverse``: the rotation back).
+
+        For a few tokens (decoding) x is multiplied by a per-token ``[c, c]`` matrix, identity on the
+        no-rope channels and 2x2 rotations on the pairs, built once per forward and width and shared by
+        every layer: one matmul instead of ~15 small ops per call. The products with the zero entries
+        are exact, so the result differs from `rope_tail` by at most the rounding of one addition.
+        """
+        cos, sin = self.rope[kind]
+        if cos.shape[0] * cos.shape[1] > _ROT_MATRIX_TOKENS or (torch.is_grad_enabled() and x.requires_grad):
+            return rope_tail(x, cos, -sin if inverse else sin)
+        c = x.shape[-1]
+        R = self._rot.get((kind, c))
+        if R is None:
+            R = self._rot[(kind, c)] = rope_matrix(cos, sin, c)
+        if inverse:
+            R = R.transpose(-1, -2)
+        if x.dim() == 3:
+            return torch.matmul(x.float().unsqueeze(-2), R).squeeze(-2).to(x.dtype)
+        return torch.matmul(x.float(), R).to(x.dtype)
+
+
+_ROPE_PATTERNS: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, width: int) -> torch.Tensor:
+    """``R [B, T, c, c]`` fp32 with ``x @ R == rope_tail(x, cos, sin)`` for x of width c: identity on the
+    first c - r channels; for pair (e, o) = (2i, 2i+1) of the last r: R[e,e] = R[o,o] = cos_i,
+    R[e,o] = sin_i, R[o,e] = -sin_i. Built as base + [cos, sin] @ pattern (one small GEMM)."""
+    B, T, half = cos.shape
+    key = (width, half, cos.device)
+    if key not in _ROPE_PATTERNS:
+        c, nope = width, width - 2 * half
+        base = torch.zeros(c, c, device=cos.device)
+        base.diagonal()[:nope] = 1.0
+        pattern = torch.zeros(2 * half, c, c, device=cos.device)
+        for i in range(half):
+            e, o = nope + 2 * i, nope + 2 * i + 1
+            pattern[i, e, e] = pattern[i, o, o] = 1.0  # cos_i
+            pattern[half + i, e, o], pattern[half + i, o, e] = 1.0, -1.0  # sin_i
+        _ROPE_PATTERNS[key] = (base, pattern.view(2 * half, c * c))
+    base, pattern = _ROPE_PATTERNS[key]
+    coef = torch.cat([cos, sin], dim=-1).reshape(B * T, 2 * half).float()
+    return (coef @ pattern).view(B, T, width, width) + base
 
 
 class KeepFp32:
@@ -102,6 +154,8 @@ def rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 
 
 def unweighted_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], None, eps)  # same arithmetic, one call
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
@@ -177,10 +231,12 @@ class Indexer(Compressor):
         self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * self.head_dim, bias=False)
         self.scorer = IndexerScorer(config)
 
-    def scores(self, x_BTD: torch.Tensor, q_res_BTq: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def scores(self, x_BTD: torch.Tensor, q_res_BTq: torch.Tensor, ctx: V4Context,
                keys_BNc: torch.Tensor) -> torch.Tensor:
         """Index scores ``[B, T, N]`` fp32 (same operation order as transformers, so ties break alike)."""
         B, T, _ = x_BTD.shape
+        # rope_tail, not ctx.rotate: the top-k over these scores must break near-ties as transformers does
+        cos, sin = ctx.rope["compress"]
         q = rope_tail(self.q_b_proj(q_res_BTq).view(B, T, self.num_heads, self.head_dim), cos, sin)
         s_BTHN = torch.matmul(q.float(), keys_BNc.transpose(-1, -2).float().unsqueeze(1))
         s_BTHN = F.relu(s_BTHN) * self.head_dim ** -0.5
@@ -254,8 +310,13 @@ class V4Attention(nn.Module):
         inv = self.compress_inv_freq
         entries = comp.compress(x_BTD, inv, cache.state("compressor") if cache is not None else None)
         B, T, N = x_BTD.shape[0], x_BTD.shape[1], entries.shape[1]
-        thresh_BT1 = ((ctx.position_ids + 1) // comp.rate)[..., None]
-        future_BTN = torch.arange(N, device=x_BTD.device)[None, None, :] >= thresh_BT1
+        # decoding one token at slot = position: entry w is visible iff w < (past + 1) // rate = N, i.e. all
+        all_visible = T == 1 and cache is not None and ctx.positions_are_slots
+        if all_visible:
+            future_BTN = torch.zeros((B, T, N), dtype=torch.bool, device=x_BTD.device)
+        else:
+            thresh_BT1 = ((ctx.position_ids + 1) // comp.rate)[..., None]
+            future_BTN = torch.arange(N, device=x_BTD.device)[None, None, :] >= thresh_BT1
         if self.layer_type == HCA:
             if T == 1 or N == 0:
                 return entries, None, None, future_BTN
@@ -267,14 +328,19 @@ class V4Attention(nn.Module):
         ikeys = idx.compress(xi, inv, cache.state("indexer") if cache is not None else None)
         if N == 0:
             return entries, x_BTD.new_zeros((B, T, 0)), None, future_BTN
-        cos, sin = ctx.rope["compress"]
         want_loss = self.training and self.config.index_loss_coef > 0 and torch.is_grad_enabled()
-        scores = idx.scores(xi, qi, cos, sin, ikeys) if (idx.topk < N or want_loss) else None
+        scores = idx.scores(xi, qi, ctx, ikeys) if (idx.topk < N or want_loss) else None
         if idx.topk >= N:  # every visible entry is picked: the indexer changes nothing
+            if all_visible:
+                return entries, None, None, future_BTN
             keep_BTN = ~future_BTN
         elif T == 1 and not want_loss:  # decoding: gather the picked entries instead of masking the rest
-            top_Bk = scores.masked_fill(future_BTN, float("-inf")).topk(idx.topk, dim=-1).indices[:, 0]
+            if not all_visible:
+                scores = scores.masked_fill(future_BTN, float("-inf"))
+            top_Bk = scores.topk(idx.topk, dim=-1).indices[:, 0]
             picked = entries.gather(1, top_Bk[..., None].expand(-1, -1, entries.shape[-1]))
+            if all_visible:
+                return picked, None, None, future_BTN
             return picked, _neg_inf_where(future_BTN.gather(-1, top_Bk[:, None])), None, future_BTN
         else:
             top_BTk = scores.detach().masked_fill(future_BTN, float("-inf")).topk(idx.topk, dim=-1).indices
@@ -287,11 +353,10 @@ class V4Attention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, ctx: V4Context, cache: V4LayerCache | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, d = self.num_heads, self.head_dim
-        cos, sin = ctx.rope[self.rope_kind]
         q_res = self.q_a_norm(self.q_a_proj(x_BTD))
         q = unweighted_rms(self.q_b_proj(q_res).view(B, T, H, d), self.eps)
-        q = rope_tail(q, cos, sin)
-        kv = rope_tail(self.kv_norm(self.kv_proj(x_BTD)), cos, sin)  # [B, T, d]
+        q = ctx.rotate(q, self.rope_kind)
+        kv = ctx.rotate(self.kv_norm(self.kv_proj(x_BTD)), self.rope_kind)  # [B, T, d]
         keys = cache.update_window(kv) if cache is not None else kv  # [B, S, d]
         bias = self._window_bias(ctx, T, keys.shape[1], x_BTD.device)
         self.last_index_loss = None
@@ -313,15 +378,15 @@ class V4Attention(nn.Module):
         if bias is not None:
             logits = logits + bias[:, :, None, :]
         sink = self.sinks.float().view(1, 1, H, 1).expand(B, T, H, 1)
-        combined = torch.cat([logits, sink], dim=-1)
-        combined = combined - combined.amax(dim=-1, keepdim=True)
-        probs = combined.softmax(dim=-1)[..., :-1]
+        # (transformers subtracts the max first: softmax does that itself, with the same result)
+        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
         out = torch.matmul(probs.reshape(B, T * H, -1).to(keys.dtype), keys).view(B, T, H, d)
-        out = rope_tail(out, cos, -sin)  # undo the values' rotation at the query position
+        out = ctx.rotate(out, self.rope_kind, inverse=True)  # undo the values' rotation at the query position
         g = self.groups
         w_gOI = self.o_a_proj.weight.view(g, -1, H * d // g)
-        grouped = torch.einsum("btgi,goi->btgo", out.reshape(B, T, g, -1), w_gOI)
-        return self.o_b_proj(grouped.flatten(2))
+        # block-diagonal o_a_proj: group gi's heads through its [o, H·d/g] block, as one batched GEMM
+        grouped = torch.bmm(out.reshape(B * T, g, -1).transpose(0, 1), w_gOI.transpose(1, 2))
+        return self.o_b_proj(grouped.transpose(0, 1).reshape(B, T, -1))
 
     def _index_loss(self, q_BTHd: torch.Tensor, entries_BNd: torch.Tensor, future_BTN: torch.Tensor,
                     scores_BTN: torch.Tensor) -> torch.Tensor:
