@@ -26,9 +26,9 @@ from widemoe.config import ModelConfig
 from widemoe.model.attention import build_attention
 from widemoe.model.deepseek_v4 import V4Model
 from widemoe.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from widemoe.model.loss import IGNORE_INDEX, linear_cross_entropy
 from widemoe.model.moe import MoE, RoutingInfo
 
-IGNORE_INDEX = -100
 AUX_LOSS_COEF_FIELDS = {
     "seq_aux": "aux_loss_alpha",
     "switch_aux": "router_aux_loss_coef",
@@ -39,13 +39,14 @@ AUX_LOSS_COEF_FIELDS = {
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # [B, T, V] (or the last `logits_to_keep` positions)
+    logits: torch.Tensor | None  # [B, T, V] (or the last `logits_to_keep` positions); None: fused loss
     loss: torch.Tensor | None = None  # lm_loss + weighted aux losses + weighted MTP loss
     lm_loss: torch.Tensor | None = None
     mtp_loss: torch.Tensor | None = None  # mean over MTP depths, unweighted
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, mean over MoE layers
     routing: list[RoutingInfo] = field(default_factory=list)  # main layers, then MTP blocks
     hidden_states: torch.Tensor | None = None  # last hidden state before the final norm
+    token_losses: torch.Tensor | None = None  # [B, T] fp32, detached, 0 at ignored labels (with labels)
 
 
 class DecoderLayer(nn.Module):
@@ -241,21 +242,35 @@ class WideMoeForCausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        return_logits: bool | None = None,
     ) -> CausalLMOutput:
-        """`labels[b, i]` is the token after `input_ids[b, i]` (already shifted); IGNORE_INDEX skips it."""
+        """`labels[b, i]` is the token after `input_ids[b, i]` (already shifted); IGNORE_INDEX skips it.
+
+        With labels, while training (train mode, grad enabled) the LM head and the loss run fused and
+        chunked (`widemoe.model.loss`): `logits` is None and `token_losses` holds the per-token losses.
+        ``return_logits=True`` forces the plain head (logits kept); False forces the fused loss.
+        """
         h, routing, (cos, sin), mask = self.model(input_ids, attention_mask, position_ids, cache)
         hidden = self.model.final_norm(h)
         if logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
-        out = CausalLMOutput(logits=logits, routing=routing, hidden_states=h)
+        fused = labels is not None and logits_to_keep == 0 and (
+            return_logits is False or (return_logits is None and self.training and torch.is_grad_enabled()))
+        out = CausalLMOutput(logits=None if fused else self.lm_head(hidden), routing=routing, hidden_states=h)
         if labels is None:
             return out
 
         cfg = self.config
-        out.lm_loss = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
-        )
+        if fused:
+            out.lm_loss, tok = linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight,
+                                                    labels.flatten())
+            out.token_losses = tok.view(labels.shape)
+        else:
+            tok = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(),
+                                  ignore_index=IGNORE_INDEX, reduction="none")
+            out.token_losses = tok.detach().view(labels.shape)
+            n_valid = (labels != IGNORE_INDEX).sum()
+            out.lm_loss = tok.sum() / n_valid  # = the mean reduction (nan when every label is ignored)
         loss = out.lm_loss
         if len(self.model.mtp) > 0 and cfg.mtp_loss_weight > 0:
             out.mtp_loss = self._mtp_loss(h, labels, cos, sin, mask, routing)
@@ -289,10 +304,12 @@ class WideMoeForCausalLM(nn.Module):
             h_prev, info = module(h_prev, self.model.embed_tokens(emb_ids), cos, sin, mask_BTS, emb_ids)
             if info is not None:
                 routing.append(info)
-            logits = self.lm_head(module.shared_head_norm(h_prev))
-            losses.append(
-                F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
-            )
+            hidden = module.shared_head_norm(h_prev).flatten(0, 1)
+            if self.training and torch.is_grad_enabled():
+                losses.append(linear_cross_entropy(hidden, self.lm_head.weight, target.flatten())[0])
+            else:
+                losses.append(F.cross_entropy(self.lm_head(hidden).float(), target.flatten(),
+                                              ignore_index=IGNORE_INDEX))
         return torch.stack(losses).mean()
 
     @staticmethod

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from widemoe.balance import LoadTracker, dead_experts, max_vio, update_expert_bias
 from widemoe.config import ModelConfig, get_preset
@@ -124,15 +123,14 @@ def build_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Opti
 
 
 def per_domain_loss(
-    logits_BTV: torch.Tensor, labels_BT: torch.Tensor, domains_BT: torch.Tensor, n_domains: int
+    token_losses_BT: torch.Tensor, labels_BT: torch.Tensor, domains_BT: torch.Tensor, n_domains: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token losses and token counts per domain (for per-domain means across batches)."""
-    tok = F.cross_entropy(
-        logits_BTV.float().flatten(0, 1), labels_BT.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    """Summed token losses and token counts per domain (for per-domain means across batches), from the
+    model output's `token_losses`."""
+    tok = token_losses_BT.detach().float().flatten()
     dom = domains_BT.flatten()
     valid = labels_BT.flatten() != IGNORE_INDEX
-    sums = torch.zeros(n_domains).index_add_(0, dom[valid], tok[valid].detach())
+    sums = torch.zeros(n_domains).index_add_(0, dom[valid], tok[valid])
     counts = torch.zeros(n_domains).index_add_(0, dom[valid], torch.ones(int(valid.sum())))
     return sums, counts
 
@@ -212,7 +210,7 @@ class Trainer:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
                 out = model(x, labels=y)
             (out.loss / tc.grad_accum).backward()
-            s, c = per_domain_loss(out.logits, y, d, n_dom)
+            s, c = per_domain_loss(out.token_losses, y, d, n_dom)
             dom_sums += s
             dom_counts += c
             for key, val in (("loss", out.loss), ("lm_loss", out.lm_loss), ("mtp_loss", out.mtp_loss)):
