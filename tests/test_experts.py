@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from widemoe.config import ModelConfig
-from widemoe.model.experts import RoutedExperts, capacity_for, plan_dispatch, reference_moe
+from widemoe.model.experts import RoutedExperts, capacity_for, plan_dispatch, reference_moe, sorted_weights
 from widemoe.runtime import configure_allocator, configure_cpu_runtime
 
 IMPLS = ["gmm", "loop", "threads", "autograd"]
@@ -234,3 +234,46 @@ def test_threads_backend_splits_one_large_expert_between_workers():
         _compare(m, x, ids, w, "threads", rtol=1e-4, atol=1e-5)
     finally:
         torch.set_num_threads(prev)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Segment padding (CPU bf16/fp16: segment lengths rounded up so oneDNN's per-shape kernels are reused)
+
+
+def test_padded_plan_keeps_every_pair_once_and_pads_with_zero_weight_rows():
+    ids, w = _random_routing(37, 8, 3, seed=3)
+    plain, padded = plan_dispatch(ids, 8), plan_dispatch(ids, 8, pad_to=16)
+    assert bool((padded.counts_E % 16 == 0).all())
+    assert torch.equal(padded.counts_E == 0, plain.counts_E == 0)  # empty experts stay empty
+    assert padded.pads == int(padded.counts_E.sum()) - 37 * 3 > 0
+    real = padded.order_P < 37 * 3
+    assert torch.equal(padded.order_P[real].sort().values, torch.arange(37 * 3))
+    assert bool((padded.tok_P[~real] == 0).all())
+    assert torch.equal(padded.order_P[padded.inv_NK], torch.arange(37 * 3))  # each pair's row holds it
+    sw = sorted_weights(w, padded)
+    assert bool((sw[~real] == 0).all()) and torch.equal(sw[real], w.reshape(-1)[padded.order_P[real]])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padded_dispatch_matches_reference(impl, monkeypatch):
+    monkeypatch.setattr(RoutedExperts, "row_quantum", lambda self, x: 8)  # pad in fp32 too: exact checks
+    m = _experts(8, D=16, I=8, k=2, seed=5)
+    ids, w = _random_routing(21, 8, 2, seed=5)
+    _compare(m, torch.randn(21, 16), ids, w, impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_padded_dispatch_with_capacity_drops(impl, monkeypatch):
+    monkeypatch.setattr(RoutedExperts, "row_quantum", lambda self, x: 8)
+    m = _experts(4, D=16, I=8, k=1)
+    m.impl = impl
+    ids = torch.tensor([[0]] * 6 + [[1]] * 2)
+    x, w = torch.randn(8, 16), torch.rand(8, 1, requires_grad=True)
+    y, dropped = m(x, ids, w, capacity=2)
+    assert dropped == 4
+    y_ref = reference_moe(x, m.gate_up_proj, m.down_proj, ids, w.detach())
+    torch.testing.assert_close(y[:2], y_ref[:2])
+    torch.testing.assert_close(y[6:], y_ref[6:])
+    assert torch.equal(y[2:6], torch.zeros_like(y[2:6]))
+    y.sum().backward()
+    assert torch.equal(w.grad[2:6], torch.zeros_like(w.grad[2:6])) and w.grad[:2].abs().sum() > 0
