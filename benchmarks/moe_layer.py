@@ -1,6 +1,7 @@
 """MoE-layer benchmark: widemoe's MoE block vs the reference loop, a dense SwiGLU and transformers.
 
-Not a test. One process, same inputs and weights for every implementation, timed round-robin
+Not a test. One process, same weights and the same sequence of input batches (a fresh batch per call,
+so routing changes every time, as in training) for every implementation, timed round-robin
 (A B C ..., A B C ..., median of the repetitions after warm-up) so that ratios are measured at the same
 moment on a shared, noisy machine (method of shared/reference/cpu-performance-detail.md §1).
 
@@ -142,11 +143,15 @@ def time_round_robin(fns: dict[str, Callable[[], None]], reps: int, warmup: int)
     return times
 
 
-def make_call(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+def make_call(module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor], xs: list[torch.Tensor],
               gout: torch.Tensor, mode: str) -> Callable[[], None]:
+    """Each call takes the next batch of `xs` (cycling): every implementation sees the same sequence."""
     params = [p for p in module.parameters() if p.requires_grad]
+    step = [0]
 
     def call() -> None:
+        x = xs[step[0] % len(xs)]
+        step[0] += 1
         if mode == "fwd":
             with torch.no_grad():
                 fn(x)
@@ -169,7 +174,9 @@ def bench_case(s: Shape, T: int, dtype: torch.dtype, mode: str, reps: int, warmu
     hf = build_hf(s, moe) if with_hf else None
     moe.to(dtype)
     dense.to(dtype)
-    x = torch.randn(1, T, s.d).to(dtype)
+    # a fresh batch per call, as in training: new routing, hence new segment lengths every time (CPU bf16
+    # GEMM kernels are built per shape, so a repeated batch would flatter every grouped implementation)
+    xs = [torch.randn(1, T, s.d).to(dtype) for _ in range(warmup + reps)]
     gout = torch.randn(1, T, s.d).to(dtype)
 
     def ref_fn(xx: torch.Tensor) -> torch.Tensor:
@@ -180,10 +187,10 @@ def bench_case(s: Shape, T: int, dtype: torch.dtype, mode: str, reps: int, warmu
             y = y + moe.shared_experts(x_ND)
         return y.view(1, T, s.d)
 
-    fns = {"widemoe": make_call(moe, lambda xx: moe(xx)[0], x, gout, mode),
-           "dense": make_call(dense, dense, x, gout, mode)}
+    fns = {"widemoe": make_call(moe, lambda xx: moe(xx)[0], xs, gout, mode),
+           "dense": make_call(dense, dense, xs, gout, mode)}
     if with_reference:
-        fns["reference"] = make_call(moe, ref_fn, x, gout, mode)
+        fns["reference"] = make_call(moe, ref_fn, xs, gout, mode)
     skipped: dict[str, str] = {}
     if hf is not None:
         hf.to(dtype)
@@ -197,7 +204,7 @@ def bench_case(s: Shape, T: int, dtype: torch.dtype, mode: str, reps: int, warmu
                 hf.config._experts_implementation = b
                 return hf(xx)
 
-            fns[f"hf_{backend}"] = make_call(hf, run_hf, x, gout, mode)
+            fns[f"hf_{backend}"] = make_call(hf, run_hf, xs, gout, mode)
     times = time_round_robin(fns, reps, warmup)
     med = {n: statistics.median(v) for n, v in times.items()}
     res = {"config": s.name, "T": T, "dtype": str(dtype).removeprefix("torch."), "mode": mode,
