@@ -256,7 +256,8 @@ def test_padded_plan_keeps_every_pair_once_and_pads_with_zero_weight_rows():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_padded_dispatch_matches_reference(impl, monkeypatch):
-    monkeypatch.setattr(RoutedExperts, "row_quantum", lambda self, x: 8)  # pad in fp32 too: exact checks
+    # pad in fp32 too, so the checks can be exact
+    monkeypatch.setattr(RoutedExperts, "row_quantum", lambda self, x, pairs: 8)
     m = _experts(8, D=16, I=8, k=2, seed=5)
     ids, w = _random_routing(21, 8, 2, seed=5)
     _compare(m, torch.randn(21, 16), ids, w, impl)
@@ -264,7 +265,7 @@ def test_padded_dispatch_matches_reference(impl, monkeypatch):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_padded_dispatch_with_capacity_drops(impl, monkeypatch):
-    monkeypatch.setattr(RoutedExperts, "row_quantum", lambda self, x: 8)
+    monkeypatch.setattr(RoutedExperts, "row_quantum", lambda self, x, pairs: 8)
     m = _experts(4, D=16, I=8, k=1)
     m.impl = impl
     ids = torch.tensor([[0]] * 6 + [[1]] * 2)

@@ -58,8 +58,8 @@ from torch import nn
 from widemoe.config import ModelConfig
 
 IMPLS = ("auto", "gmm", "loop", "threads", "autograd")
-# CPU bf16/fp16 expert segments are padded to multiples of this many rows (see `plan_dispatch`)
-ONEDNN_ROW_QUANTUM = 32
+# CPU bf16/fp16 expert segments are padded to multiples of at most this many rows (see `row_quantum`)
+ONEDNN_MAX_QUANTUM = 64
 
 
 class DispatchPlan(NamedTuple):
@@ -70,6 +70,7 @@ class DispatchPlan(NamedTuple):
     offs_E: torch.Tensor  # int32 cumulative segment ends (what _grouped_mm wants)
     dropped: int  # pairs dropped by the capacity limit
     pads: int = 0  # padding rows (see `plan_dispatch`'s ``pad_to``)
+    quantum: int = 1  # every segment length is a multiple of this (``pad_to``)
 
 
 def plan_dispatch(ids_NK: torch.Tensor, num_experts: int, capacity: int | None = None,
@@ -117,7 +118,7 @@ def plan_dispatch(ids_NK: torch.Tensor, num_experts: int, capacity: int | None =
     if pads:
         tok_P.masked_fill_(order_P == flat_P.numel(), 0)
     offs_E = counts_E.cumsum(0).to(torch.int32)
-    return DispatchPlan(order_P, tok_P, inv_NK, counts_E, offs_E, dropped, pads)
+    return DispatchPlan(order_P, tok_P, inv_NK, counts_E, offs_E, dropped, pads, max(1, pad_to))
 
 
 def sorted_weights(w_NK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -181,7 +182,8 @@ def _expert_pool(workers: int) -> ThreadPoolExecutor:
     return pool  # type: ignore[return-value]
 
 
-def _segment_chunks(counts: list[int], workers: int, min_split: int = 32) -> list[list[tuple[int, int, int]]]:
+def _segment_chunks(counts: list[int], workers: int, min_split: int = 32,
+                    quantum: int = 1) -> list[list[tuple[int, int, int]]]:
     """Non-empty experts as (e, start_row, n_rows), cut into <= `workers` contiguous chunks of ~equal rows.
 
     An expert that straddles a chunk boundary is split there (both parts >= `min_split` rows), so the
@@ -198,7 +200,8 @@ def _segment_chunks(counts: list[int], workers: int, min_split: int = 32) -> lis
             end = (cur + 1) * total // workers  # the current chunk's target end row
             take = n
             if s + n > end and cur < workers - 1:
-                before, after = end - s, s + n - end
+                before = (end - s) // quantum * quantum  # split pieces keep the plan's row quantum
+                after = n - before
                 if min(before, after) >= min_split:
                     take = before
                 elif before < after:  # too small to split: the expert starts the next chunk
@@ -319,7 +322,7 @@ class _SegmentFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, W1, W2, w_NK, plan: DispatchPlan, workers: int, limit=None):  # noqa: ANN001, ANN205
         w_P = sorted_weights(w_NK, plan)
-        chunks = _segment_chunks(plan.counts_E.tolist(), workers)
+        chunks = _segment_chunks(plan.counts_E.tolist(), workers, quantum=plan.quantum)
         y, h_chunks = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=True, limit=limit)
         ctx.save_for_backward(x_ND, W1, W2, w_P, *h_chunks)
         ctx.plan, ctx.chunks, ctx.wshape, ctx.limit = plan, chunks, w_NK.shape, limit
@@ -526,11 +529,14 @@ class RoutedExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=self.initializer_range)
         nn.init.normal_(self.down_proj, std=self.initializer_range)
 
-    def row_quantum(self, x_ND: torch.Tensor) -> int:
-        """Rows each expert segment is padded to a multiple of: 32 where oneDNN runs the GEMMs (CPU bf16 and
-        fp16; it compiles a kernel per shape), else 1 (see `plan_dispatch`)."""
-        oneDNN = x_ND.device.type == "cpu" and x_ND.dtype in (torch.bfloat16, torch.float16)
-        return ONEDNN_ROW_QUANTUM if oneDNN else 1
+    def row_quantum(self, x_ND: torch.Tensor, pairs: int) -> int:
+        """Rows each expert segment is padded to a multiple of (see `plan_dispatch`): where oneDNN runs the
+        GEMMs (CPU bf16 and fp16; it compiles a kernel per shape) a power of two near 1/8 of the mean
+        segment, 8 to 64 rows: ~6% padding, and ~12 lengths per GEMM kind to compile once; else 1."""
+        if not (x_ND.device.type == "cpu" and x_ND.dtype in (torch.bfloat16, torch.float16)):
+            return 1
+        mean = pairs / self.num_experts
+        return min(ONEDNN_MAX_QUANTUM, max(8, 1 << max(0, int(math.log2(max(mean, 1) / 8)))))
 
     def backend_for(self, x_ND: torch.Tensor) -> str:
         """The path `impl="auto"` takes (see the module docstring for the measurements behind it)."""
@@ -565,7 +571,8 @@ class RoutedExperts(nn.Module):
             if dt != torch.float32:
                 W1, W2 = W1.to(dt), W2.to(dt)
         x_ND = x_ND.to(W1.dtype)
-        plan = plan_dispatch(topk_ids_NK, self.num_experts, capacity, pad_to=self.row_quantum(x_ND))
+        quantum = self.row_quantum(x_ND, topk_ids_NK.numel())
+        plan = plan_dispatch(topk_ids_NK, self.num_experts, capacity, pad_to=quantum)
         if plan.order_P.numel() == 0:  # N = 0, or everything dropped: zeros, graph kept connected
             zero = ((W1.sum() + W2.sum()) * 0).to(x_ND.dtype) + (w_NK.sum() * 0).to(x_ND.dtype)
             return x_ND * 0 + zero, plan.dropped
@@ -588,7 +595,7 @@ class RoutedExperts(nn.Module):
             if grad:
                 y = _SegmentFn.apply(x_ND, W1, W2, w_NK, plan, workers, lim)
             else:  # not through apply: ctx.needs_input_grad is True under no_grad, we must not save
-                chunks = _segment_chunks(plan.counts_E.tolist(), workers)
+                chunks = _segment_chunks(plan.counts_E.tolist(), workers, quantum=plan.quantum)
                 w_P = sorted_weights(w_NK, plan)
                 y, _ = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=False, limit=lim)
         return y, plan.dropped
