@@ -278,3 +278,15 @@ def test_padded_dispatch_with_capacity_drops(impl, monkeypatch):
     assert torch.equal(y[2:6], torch.zeros_like(y[2:6]))
     y.sum().backward()
     assert torch.equal(w.grad[2:6], torch.zeros_like(w.grad[2:6])) and w.grad[:2].abs().sum() > 0
+
+
+def test_chunk_split_keeps_the_row_quantum():
+    from widemoe.model.experts import _segment_chunks
+
+    counts = [96, 320, 64, 128]  # 608 rows: the halfway cut, row 304, falls 208 rows into expert 1
+    assert 208 in [n for c in _segment_chunks(counts, workers=2) for _, _, n in c]  # unaligned without quantum
+    chunks = _segment_chunks(counts, workers=2, quantum=32)
+    pieces = [n for c in chunks for _, _, n in c]
+    assert len(chunks) == 2 and sum(pieces) == 608
+    assert all(n % 32 == 0 for n in pieces)
+    assert [e for e, _, _ in chunks[0]][-1] == [e for e, _, _ in chunks[1]][0] == 1  # expert 1 is split
