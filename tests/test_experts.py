@@ -284,7 +284,7 @@ def test_chunk_split_keeps_the_row_quantum():
     from widemoe.model.experts import _segment_chunks
 
     counts = [96, 320, 64, 128]  # 608 rows: the halfway cut, row 304, falls 208 rows into expert 1
-    assert 208 in [n for c in _segment_chunks(counts, workers=2) for _, _, n in c]  # unaligned without quantum
+    assert 208 in [n for c in _segment_chunks(counts, workers=2) for _, _, n in c]  # unaligned cut
     chunks = _segment_chunks(counts, workers=2, quantum=32)
     pieces = [n for c in chunks for _, _, n in c]
     assert len(chunks) == 2 and sum(pieces) == 608
