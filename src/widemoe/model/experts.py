@@ -36,6 +36,11 @@ project's shared 2-core Xeon with AMX; see benchmarks/moe_layer.py):
   machine running bf16. In bf16 the AMX GEMMs (~550 GFLOP/s per core) are so fast that the memory-bound
   gather / SwiGLU / fp32-combine passes dominate any unfused dispatch.
 
+CPU bf16/fp16: oneDNN runs these GEMMs and compiles a kernel per shape, and routing makes new segment
+lengths every batch; segments are padded to a multiple of `RoutedExperts.row_quantum` rows (pad rows
+carry weight 0) so that the kernels repeat (see `plan_dispatch`). Under autocast the experts compute
+in the autocast dtype.
+
 Optional capacity (Switch Transformer / GShard): each expert keeps its first `capacity` pairs in token
 order, overflow pairs are dropped (their token gets no contribution from that expert). The MoE block
 passes a capacity only in training; dropless is the default.
