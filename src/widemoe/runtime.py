@@ -7,11 +7,6 @@ threshold made the grouped-GEMM MoE layer up to 1.5x faster and dense layers up 
 2-core CPU (shared/reference/cpu-performance-detail.md §0, §4.3). The cost is that resident memory
 stays at its peak.
 
-With mmap off, every thread must also allocate from the main arena (`M_ARENA_MAX = 1`): glibc gives each
-new thread its own arena, whose heaps are capped at 64 MB, and the MoE expert workers'
-hundred-megabyte buffers then took a slow path. Config b of benchmarks/moe_layer.py at T = 8192 in fp32
-ran 1.76x faster with one arena (545 -> 309 ms per forward; transformers' `grouped_mm` 480-500 ms).
-
 `mallopt`'s value is a C `int`: 2**31 - 1 is the largest trim threshold; `1 << 36` would silently
 become 0 and trim after every free, which is slower than the default.
 """
@@ -27,7 +22,6 @@ import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1
 
 _state: dict[str, object] = {}
@@ -58,8 +52,7 @@ def configure_allocator() -> bool:
     lib = _glibc()
     if lib is not None:
         # mallopt returns 1 on success, 0 on error.
-        ok = (bool(lib.mallopt(_M_MMAP_MAX, 0)) and bool(lib.mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
-              and bool(lib.mallopt(_M_ARENA_MAX, 1)))
+        ok = bool(lib.mallopt(_M_MMAP_MAX, 0)) and bool(lib.mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
     _state["allocator"] = ok
     return ok
 
