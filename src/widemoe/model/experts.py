@@ -235,13 +235,42 @@ def _parallel(fn: Callable[[int], None], n: int) -> None:
         f.result()
 
 
-def _run_chunks(fn: Callable[[int, int, int, int], None], chunks: list[list[tuple[int, int, int]]]) -> None:
-    """Call fn(chunk_idx, e, start_row, n_rows) for every job; one worker thread per chunk."""
-    def run(i: int) -> None:
-        for job in chunks[i]:
-            fn(i, *job)
+def _run_on_workers(run_chunk: Callable[[int, torch.Tensor | None], None], n_chunks: int, workers: int,
+                    acc_like: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Chunk c runs on worker c mod W (W = min(workers, n_chunks)), as run_chunk(c, acc) with that worker's
+    fp32 accumulator shaped like `acc_like` (None: no accumulator). The accumulators are allocated here,
+    on the calling thread (glibc's main arena, see `_plan_chunks`), and zeroed by their worker: an OpenMP
+    region on the caller right before the workers start leaves its partner thread spinning on one of
+    their cores."""
+    W = max(1, min(workers, n_chunks))
+    accs = [None if acc_like is None else
+            torch.empty(acc_like.shape, dtype=torch.float32, device=acc_like.device) for _ in range(W)]
 
-    _parallel(run, len(chunks))
+    def run(w: int) -> None:
+        acc = accs[w]
+        if acc is not None:
+            acc.zero_()
+        for c in range(w, n_chunks, W):
+            run_chunk(c, acc)
+
+    _parallel(run, W)
+    return accs
+
+
+# Largest buffer a worker thread allocates per chunk. glibc gives each thread its own arena, whose heaps
+# are capped at 64 MB; with mmap off (widemoe.runtime) a larger request takes a slow path (config b of
+# benchmarks/moe_layer.py, T=8192, fp32 forward: 545 ms with two chunks, vs 309 ms with one arena).
+_CHUNK_BYTES = 48 << 20
+
+
+def _plan_chunks(plan: DispatchPlan, workers: int, width: int,
+                 element_size: int) -> list[list[tuple[int, int, int]]]:
+    """`_segment_chunks` into a multiple of `workers` chunks, each chunk's [rows, width] buffers under
+    `_CHUNK_BYTES` (width: the widest per-row buffer, max(D, 2I))."""
+    counts = plan.counts_E.tolist()
+    rows_max = max(1, _CHUNK_BYTES // (width * element_size))
+    pieces = workers * max(1, math.ceil(sum(counts) / (rows_max * workers)))
+    return _segment_chunks(counts, pieces, quantum=plan.quantum)
 
 
 def _clamp_(h_PF: torch.Tensor, I: int, limit: float | None) -> torch.Tensor:
@@ -265,7 +294,7 @@ def _chunk_offs(jobs: list[tuple[int, int, int]], device: torch.device) -> tuple
 
 
 def _segment_forward(x_ND, W1, W2, w_P, tok_P, chunks, save: bool,  # noqa: ANN001, ANN201
-                     limit: float | None = None):
+                     limit: float | None = None, workers: int = 1):
     """Fused forward per chunk of experts; returns (y_ND, per-chunk pre-activations h or None).
 
     Inside a chunk, aligned CPU shapes run `_grouped_mm` over the chunk's experts (one C++ loop: no Python
@@ -274,13 +303,12 @@ def _segment_forward(x_ND, W1, W2, w_P, tok_P, chunks, save: bool,  # noqa: ANN0
     """
     I = W2.shape[-1]
     use_gmm = x_ND.device.type == "cpu" and gmm_supported(x_ND, W1.shape[-1], I)
-    acc: list[torch.Tensor | None] = [None] * len(chunks)
     h_chunks: list[torch.Tensor | None] = [None] * len(chunks)
     # fp32: weight the [rows, I] activations before the down GEMM ((w·a)W = w·(aW), I <= D reads less);
     # other dtypes weight the fp32 outputs, so that the weights are applied in fp32
     fold_w = x_ND.dtype == torch.float32 and I <= W2.shape[1]
 
-    def run(c: int) -> None:
+    def run(c: int, acc: torch.Tensor) -> None:
         jobs = chunks[c]
         r0, r1 = jobs[0][1], jobs[-1][1] + jobs[-1][2]
         tok = tok_P[r0:r1]
@@ -305,11 +333,9 @@ def _segment_forward(x_ND, W1, W2, w_P, tok_P, chunks, save: bool,  # noqa: ANN0
             h_chunks[c] = h
         if not fold_w:
             ys = ys.float().mul_(w_P[r0:r1, None])
-        # zeroed here, not by the caller: an OpenMP region on the caller right before the workers start
-        # leaves its partner thread spinning on one of their cores
-        acc[c] = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device).index_add_(0, tok, ys)
+        acc.index_add_(0, tok, ys)
 
-    _parallel(run, len(chunks))
+    acc = _run_on_workers(run, len(chunks), workers, x_ND)
     y = acc[0]
     for extra in acc[1:]:
         y += extra  # type: ignore[operator]
@@ -327,10 +353,11 @@ class _SegmentFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, W1, W2, w_NK, plan: DispatchPlan, workers: int, limit=None):  # noqa: ANN001, ANN205
         w_P = sorted_weights(w_NK, plan)
-        chunks = _segment_chunks(plan.counts_E.tolist(), workers, quantum=plan.quantum)
-        y, h_chunks = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=True, limit=limit)
+        chunks = _plan_chunks(plan, workers, max(W2.shape[1], W1.shape[1]), x_ND.element_size())
+        y, h_chunks = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=True, limit=limit,
+                                       workers=workers)
         ctx.save_for_backward(x_ND, W1, W2, w_P, *h_chunks)
-        ctx.plan, ctx.chunks, ctx.wshape, ctx.limit = plan, chunks, w_NK.shape, limit
+        ctx.plan, ctx.chunks, ctx.wshape, ctx.limit, ctx.workers = plan, chunks, w_NK.shape, limit, workers
         return y
 
     @staticmethod
@@ -348,7 +375,6 @@ class _SegmentFn(torch.autograd.Function):
                     if g is not None:
                         g[e].zero_()
         gw_P = torch.empty_like(w_P) if need_w else None
-        dx_acc: list[torch.Tensor | None] = [None] * len(chunks)  # zeroed by each worker (see forward)
         # an expert split between two chunks: the later chunk writes its dW part privately, summed below
         firsts = {c: chunks[c][0][0] for c in range(1, len(chunks))
                   if chunks[c - 1][-1][0] == chunks[c][0][0]}
@@ -369,7 +395,7 @@ class _SegmentFn(torch.autograd.Function):
                 torch.mm(a_RK[s - r0:s - r0 + n], W[e].t() if transpose else W[e], out=out[s - r0:s - r0 + n])
             return out
 
-        def run(c: int) -> None:
+        def run(c: int, dx: torch.Tensor | None) -> None:
             # whole-chunk gathers and elementwise passes (few Python ops: the GIL is handed between the
             # workers once per op); per-expert GEMMs only where dW is written straight into [E, ...]
             jobs = chunks[c]
@@ -399,10 +425,9 @@ class _SegmentFn(torch.autograd.Function):
                              out=part_W1[c] if split else d_W1[e])
             if need_x:
                 dxs = mm_rows(c, dh, W1, transpose=False)
-                dx_acc[c] = torch.zeros(x_ND.shape, dtype=torch.float32, device=x_ND.device).index_add_(
-                    0, tok, dxs if dxs.dtype == torch.float32 else dxs.float())
+                dx.index_add_(0, tok, dxs if dxs.dtype == torch.float32 else dxs.float())
 
-        _parallel(run, len(chunks))
+        dx_acc = _run_on_workers(run, len(chunks), ctx.workers, x_ND if need_x else None)
         for c, e in firsts.items():
             if need_w1:
                 d_W1[e] += part_W1[c]
@@ -600,9 +625,10 @@ class RoutedExperts(nn.Module):
             if grad:
                 y = _SegmentFn.apply(x_ND, W1, W2, w_NK, plan, workers, lim)
             else:  # not through apply: ctx.needs_input_grad is True under no_grad, we must not save
-                chunks = _segment_chunks(plan.counts_E.tolist(), workers, quantum=plan.quantum)
+                chunks = _plan_chunks(plan, workers, max(W2.shape[1], W1.shape[1]), x_ND.element_size())
                 w_P = sorted_weights(w_NK, plan)
-                y, _ = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=False, limit=lim)
+                y, _ = _segment_forward(x_ND, W1, W2, w_P, plan.tok_P, chunks, save=False, limit=lim,
+                                        workers=workers)
         return y, plan.dropped
 
     def extra_repr(self) -> str:
