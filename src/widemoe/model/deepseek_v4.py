@@ -110,7 +110,6 @@ class HyperConnection(KeepFp32, nn.Module):
 
 
 _SMALL_HC = 8  # tokens up to which `HyperConnection` computes its weights on Python floats (decoding)
-_SMALL_SINKHORN = 64  # matrix entries up to which the Python loop beats ~120 tiny tensor ops (decoding)
 
 
 def _sigmoid(z: float) -> float:
@@ -167,19 +166,15 @@ def _sinkhorn4(mT: list, iters: int, eps: float) -> list:
 def sinkhorn(comb: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Columns, then (rows, columns) x (iters - 1), each normalised as x / (sum + eps) (transformers' order).
 
-    For a handful of matrices (decoding one token) the same arithmetic runs on Python floats: 6·iters
-    tensor ops on a [1, 1, n, n] tensor cost ~100x more in dispatch than the arithmetic itself. Python
-    floats are float64, so that path is at least as accurate as the fp32 tensor path.
+    Decoding (a handful of matrices) runs the same arithmetic on Python floats instead:
+    `HyperConnection._small` -> `_sinkhorn_lists` (6·iters tensor ops on a [1, 1, n, n] tensor cost ~100x
+    more in dispatch than the arithmetic; Python floats are float64, at least as accurate).
     """
-    if comb.numel() > _SMALL_SINKHORN or torch.is_grad_enabled() and comb.requires_grad:
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-        for _ in range(iters - 1):
-            comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
-            comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-        return comb
-    n = comb.shape[-1]
-    out = [_sinkhorn_lists(m, iters, eps) for m in comb.transpose(-1, -2).reshape(-1, n, n).tolist()]
-    return torch.tensor(out, dtype=comb.dtype, device=comb.device).view(comb.shape)
+    return comb
 
 
 def hc_expand(X_BTnD: torch.Tensor, y_BTD: torch.Tensor, post: torch.Tensor,
