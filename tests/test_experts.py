@@ -197,7 +197,7 @@ def test_configure_cpu_runtime_is_idempotent():
 
 
 def test_threads_backend_splits_experts_and_works_in_inference_mode():
-    from widemoe.model.experts import _segment_chunks
+    from widemoe.model.expert_workers import segment_chunks as _segment_chunks
 
     chunks = _segment_chunks([5, 0, 3, 2, 6, 0], workers=2)
     assert [[j[0] for j in c] for c in chunks] == [[0, 2], [3, 4]]  # balanced by rows, empty experts skipped
@@ -281,7 +281,7 @@ def test_padded_dispatch_with_capacity_drops(impl, monkeypatch):
 
 
 def test_chunk_split_keeps_the_row_quantum():
-    from widemoe.model.experts import _segment_chunks
+    from widemoe.model.expert_workers import segment_chunks as _segment_chunks
 
     counts = [96, 320, 64, 128]  # 608 rows: the halfway cut, row 304, falls 208 rows into expert 1
     assert 208 in [n for c in _segment_chunks(counts, workers=2) for _, _, n in c]  # unaligned cut
@@ -295,14 +295,14 @@ def test_chunk_split_keeps_the_row_quantum():
 @pytest.mark.parametrize("impl", ["threads", "loop"])
 def test_many_small_chunks_match_reference(impl, monkeypatch):
     # chunks far smaller than the work: several chunks per worker, one expert spread over 3+ chunks
-    import widemoe.model.experts as ex
+    import widemoe.model.expert_workers as ex
 
-    monkeypatch.setattr(ex, "_CHUNK_BYTES", 64 * 16 * 4)  # 64 rows of width 16 in fp32
+    monkeypatch.setattr(ex, "CHUNK_BYTES", 64 * 16 * 4)  # 64 rows of width 16 in fp32
     configure_cpu_runtime(2)
     m = _experts(4, D=16, I=8, k=2, seed=7)
     ids = torch.stack([torch.tensor([0, 1 + i % 3]) for i in range(200)])  # expert 0 has 200 rows
     w = torch.rand(200, 2) + 0.1
     plan = plan_dispatch(ids, 4)
-    chunks = ex._plan_chunks(plan, 2, 16, 4)
+    chunks = ex.plan_chunks(plan, 2, 16, 4)
     assert len(chunks) >= 6 and sum(1 for c in chunks if c[0][0] == 0) >= 3
     _compare(m, torch.randn(200, 16), ids, w, impl, rtol=1e-4, atol=1e-5)  # dW summed from 4+ parts
