@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from widemoe.balance import LoadTracker, dead_experts, max_vio, update_expert_bias
 from widemoe.config import get_preset
+from widemoe.model.balance import LoadTracker, dead_experts, max_vio
 from widemoe.model.moe import MoE
+from widemoe.train.bias_update import update_expert_bias
 
 
 class _TwoBlocks(nn.Module):

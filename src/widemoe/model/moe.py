@@ -6,7 +6,7 @@ n_shared_experts · moe_intermediate_size. The block also
 
 - counts, in training mode only and outside autograd, the tokens each expert received into the
   non-persistent fp32 buffer `tokens_per_expert` (summed over micro-batches until
-  `widemoe.balance.update_expert_bias` consumes and zeroes it; torchtitan keeps the same buffer);
+  `widemoe.train.bias_update.update_expert_bias` consumes and zeroes it; torchtitan keeps the same buffer);
 - computes the enabled auxiliary losses, unweighted, into `RoutingInfo.aux`:
   `seq_aux` (aux_loss_alpha > 0), `switch_aux` (router_aux_loss_coef > 0), `z_loss` (router_z_loss_coef > 0);
 - applies the optional Switch/GShard capacity in training only (eval never drops).
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from widemoe.balance import expert_counts, router_z_loss, seq_aux_loss, switch_aux_loss
 from widemoe.config import ModelConfig
+from widemoe.model.balance import expert_counts, router_z_loss, seq_aux_loss, switch_aux_loss
 from widemoe.model.experts import RoutedExperts, capacity_for
 from widemoe.model.layers import SwiGLU
 from widemoe.model.router import Router

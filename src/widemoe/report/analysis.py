@@ -11,7 +11,7 @@ assignments over the held-out set, per domain):
 - **Top-3 share**: the fraction of a domain's assignments that land on its 3 most-used experts, against
   3/E for a uniform router.
 - **Expert load** (summed over domains), **MaxVio_global** = max(load)/mean(load) - 1 (Wang et al.,
-  "Auxiliary-Loss-Free Load Balancing", §4.1; `widemoe.balance.max_vio`) and dead experts (zero load).
+  "Auxiliary-Loss-Free Load Balancing", §4.1; `widemoe.model.balance.max_vio`) and dead experts (zero load).
 
 The loader also folds resumed runs: when a step number repeats (a `--resume` continued from an older
 checkpoint), the later records replace the earlier ones from that step on, so curves never go backwards.
@@ -150,7 +150,7 @@ def top_n_share(counts_E: np.ndarray, n: int = TOP_N) -> float:
 
 
 def max_vio(load_E: np.ndarray) -> float:
-    """max(load) / mean(load) - 1, as `widemoe.balance.max_vio` (0 when nothing was routed)."""
+    """max(load) / mean(load) - 1, as `widemoe.model.balance.max_vio` (0 when nothing was routed)."""
     load = np.asarray(load_E, dtype=np.float64)
     mean = load.mean() if load.size else 0.0
     return float(load.max() / mean - 1) if mean > 0 else 0.0

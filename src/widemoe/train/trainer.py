@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
-from widemoe.balance import LoadTracker, dead_experts, max_vio, update_expert_bias
 from widemoe.config import ModelConfig, get_preset
+from widemoe.model.balance import LoadTracker, dead_experts, max_vio
 from widemoe.model.transformer import IGNORE_INDEX, WideMoeForCausalLM, build_model
 from widemoe.train import checkpoint as ckpt
+from widemoe.train.bias_update import update_expert_bias
 from widemoe.train.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
 
 BALANCE_MODES = ("aux-free", "seq-aux", "switch-aux", "none")

@@ -1,25 +1,21 @@
-"""Expert-load balancing: aux-loss-free bias updates, auxiliary losses and balance metrics.
+"""Routing statistics and balancing losses: expert counts, MaxVio, dead experts and the auxiliary losses.
 
-- `update_expert_bias`: the aux-loss-free rule of Wang et al. 2024 (arXiv:2408.15664, Algorithm 1) as used
-  by DeepSeek-V3 (arXiv:2412.19437 §2.1.2): after each optimizer step, b_i += u · sign(mean(c) - c_i) from
-  the expert counts summed over every micro-batch since the last update. Unlike torchtitan we do not
-  re-centre the update (that departs from the paper). The bias only enters top-k selection.
-- Losses (returned unweighted; the trainer multiplies by the config coefficients):
+- Losses (returned unweighted; the model adds them with its config coefficients):
   `seq_aux_loss` (DeepSeek-V3 sequence-wise balance loss), `switch_aux_loss` (Switch Transformer / HF
   `load_balancing_loss_func`, normalised so that perfect balance gives 1), `router_z_loss` (ST-MoE / OLMoE).
 - Metrics: `max_vio` (paper-LF §4.1: max_i c_i / mean(c) - 1), `dead_experts`, and `LoadTracker`, which
   sums counts over many (eval) batches for MaxVio_global.
 
+The aux-loss-free bias update, a training concern, is `widemoe.train.bias_update.update_expert_bias`.
 Reference: shared/reference/architecture.md section (b).
 Shapes: B sequences, T tokens per sequence, N = B·T, E experts, K experts per token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
-from torch import nn
 
 # --------------------------------------------------------------------------------------------------
 # Metrics
@@ -78,42 +74,6 @@ class LoadTracker:
 
 
 # --------------------------------------------------------------------------------------------------
-# Aux-loss-free bias update
-
-
-@torch.no_grad()
-def update_expert_bias(
-    model: nn.Module,
-    speed: float | None = None,
-    all_reduce: Callable[[torch.Tensor], None] | None = None,
-) -> dict[int, dict[str, float]]:
-    """Apply b += speed · sign(mean(c) - c) to every MoE block that has a selection bias; zero its counts.
-
-    Call once per optimizer step, after all gradient-accumulation micro-batches. `speed=None` uses each
-    block's `config.bias_update_speed`. Under data parallelism pass `all_reduce` (an in-place SUM over the
-    data-parallel group) so that every rank applies the same update from the global counts.
-    Returns `{layer_idx: {"max_vio": ..., "dead_experts": ...}}` for the counts that were used.
-    Blocks with no counts (nothing routed since the last call) are left unchanged.
-    """
-    from widemoe.model.moe import MoE  # local import: moe imports the loss functions from here
-
-    stats: dict[int, dict[str, float]] = {}
-    for module in model.modules():
-        if not isinstance(module, MoE):
-            continue
-        c = module.tokens_per_expert
-        if all_reduce is not None:
-            all_reduce(c)
-        stats[module.layer_idx] = {"max_vio": max_vio(c), "dead_experts": dead_experts(c)}
-        bias = module.gate.e_score_correction_bias
-        if bias is not None and float(c.sum()) > 0:
-            u = module.config.bias_update_speed if speed is None else speed
-            bias.add_(u * torch.sign(c.mean() - c).to(bias.dtype))
-        c.zero_()
-    return stats
-
-
-# --------------------------------------------------------------------------------------------------
 # Auxiliary losses (unweighted)
 
 
@@ -161,4 +121,4 @@ def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["LoadTracker", "dead_experts", "expert_counts", "max_vio", "router_z_loss", "seq_aux_loss",
-           "switch_aux_loss", "update_expert_bias"]
+           "switch_aux_loss"]
