@@ -7,6 +7,10 @@ alphabet)``. Special tokens: ``<|endoftext|>`` is id 0 (the ``tiny`` preset's eo
 the BOS token, as in GPT-2) and ``<|pad|>`` is id 1. Byte-level BPE has no unknown token: every string
 round-trips through encode/decode.
 
+``ModelTokenizer`` is what generation (and later a server) uses for any model: the model directory's
+``tokenizer.json`` when it has one (any HF tokenizer, special tokens or not), else prompts as UTF-8 bytes
+(ids 0-255). It raises ``TokenizerError`` (a ``ValueError``); the CLI turns that into a message.
+
 A trained tokenizer lives in a directory holding ``tokenizer.json`` and ``tokenizer_config.json`` (with
 its special tokens, so ``transformers.AutoTokenizer.from_pretrained(dir)`` restores eos/pad/bos), the
 same two files a widemoe checkpoint directory carries. ``train_tokenizer`` keys that directory by a hash of
@@ -29,7 +33,15 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from widemoe.data.corpora import Corpus, default_cache_dir
 
-__all__ = ["EOS_TOKEN", "PAD_TOKEN", "TOKENIZER_SETTINGS", "Tokenizer", "train_tokenizer"]
+__all__ = [
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+    "TOKENIZER_SETTINGS",
+    "ModelTokenizer",
+    "Tokenizer",
+    "TokenizerError",
+    "train_tokenizer",
+]
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -114,6 +126,69 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, pad_id={self.pad_id})"
+
+
+class TokenizerError(ValueError):
+    """A model's tokenizer cannot be used: an unreadable tokenizer.json, or no room for the byte ids."""
+
+
+BYTE_VOCAB = 256  # the byte fallback's ids 0-255
+
+
+class ModelTokenizer:
+    """encode/decode for one model: its ``tokenizer.json`` when it has one, else UTF-8 bytes.
+
+    ``eos_id`` and ``pad_id`` are the model config's (what generation stops on and pads with).
+    """
+
+    def __init__(
+        self,
+        backend: tokenizers.Tokenizer | None,
+        vocab_size: int,
+        eos_id: int | None = None,
+        pad_id: int = 0,
+    ):
+        if backend is None and vocab_size < BYTE_VOCAB:
+            raise TokenizerError(
+                f"vocab_size={vocab_size} < {BYTE_VOCAB}: a model without a tokenizer.json needs "
+                f"room for the {BYTE_VOCAB} byte ids"
+            )
+        self.backend = backend
+        self.vocab_size, self.eos_id, self.pad_id = vocab_size, eos_id, pad_id
+
+    @classmethod
+    def for_model(
+        cls, directory: str | Path | None, vocab_size: int, eos_id: int | None = None, pad_id: int = 0
+    ) -> ModelTokenizer:
+        """The tokenizer.json in ``directory``; ``directory=None`` means the byte fallback."""
+        if directory is None:
+            return cls(None, vocab_size, eos_id, pad_id)
+        path = Path(directory) / TOKENIZER_FILE
+        if not path.is_file():
+            raise TokenizerError(f"{path}: no {TOKENIZER_FILE} in the model directory")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises its own exception type
+            raise TokenizerError(f"{path}: not a readable tokenizer ({e})") from None
+        return cls(backend, vocab_size, eos_id, pad_id)
+
+    @property
+    def is_bytes(self) -> bool:
+        return self.backend is None
+
+    def encode(self, text: str) -> list[int]:
+        if self.backend is None:
+            return list(text.encode("utf-8"))
+        return self.backend.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.backend is None:
+            return bytes(i for i in ids if i < BYTE_VOCAB).decode("utf-8", errors="replace")
+        return self.backend.decode(list(ids))
+
+    def __repr__(self) -> str:
+        source = "bytes" if self.backend is None else TOKENIZER_FILE
+        return f"ModelTokenizer({source}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
 
 
 def _token_str(tok: object) -> str | None:
