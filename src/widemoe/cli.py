@@ -2,6 +2,11 @@
 
 Each subcommand lives in `widemoe.commands.<name>` and registers itself with `add_parser(subparsers)`;
 imports are deferred to the chosen command where they are heavy (torch, transformers).
+
+Library code raises exceptions, never `SystemExit`. The library's error types (`ConfigError`,
+`SpecError`, `TokenizerError`, `LoadError`, `CostError`, `ReportError`, ...) are `ValueError`s;
+`main` turns those and a missing file into `error: <message>` on stderr and exit status 1. Any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import sys
 
 from widemoe import __version__
 
+# What a user can cause and fix (a wrong spec, a missing file): a message, not a traceback.
+USER_ERRORS = (ValueError, FileNotFoundError)
 # Subcommands in the order `widemoe --help` lists them.
 COMMANDS = ("train", "generate", "report", "inspect", "convert", "cost")
 
@@ -39,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except USER_ERRORS as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
