@@ -16,7 +16,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from widemoe.commands import cost as cost_cmd
-from widemoe.config import PRESET_NAMES, ConfigError, get_preset
+from widemoe.config import PRESET_NAMES, get_preset
 from widemoe.cost import (
     PUBLISHED,
     CostError,
@@ -27,7 +27,6 @@ from widemoe.cost import (
     gpu_hours,
     implied_mfu,
     kv_bytes,
-    load_config,
     parse_amount,
     parse_context,
     serving_gpus,
@@ -35,7 +34,6 @@ from widemoe.cost import (
     v3_implied_mfu,
     weight_bytes,
 )
-from widemoe.hf.config_map import model_config_to_hf
 from widemoe.model.transformer import WideMoeForCausalLM
 
 # Small variants that reach code paths the presets do not: GQA with biases and tied embeddings,
@@ -300,50 +298,6 @@ def test_parse_context_and_amounts() -> None:
         parse_context("lots")
     with pytest.raises(CostError, match="whole number"):
         parse_context("1.5")
-
-
-def test_unknown_preset_names_the_presets() -> None:
-    with pytest.raises(ConfigError, match="unknown preset 'deepseek-v9'.*deepseek-v3"):
-        load_config("deepseek-v9")
-
-
-def test_malformed_config_json(tmp_path) -> None:
-    bad = tmp_path / "config.json"
-    bad.write_text("{not json")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ConfigError, match="config.json: not a readable JSON config"):
-        load_config(str(bad))
-    with pytest.raises(ConfigError, match="directory has no config.json"):
-        load_config(str(tmp_path / "empty"))
-
-
-@pytest.mark.parametrize(
-    "name", ["deepseek-v3", "deepseek-v2-lite", "qwen3-30b-a3b", "mixtral-8x7b", "olmoe-1b-7b"]
-)
-def test_hf_config_json_gives_the_preset_counts(name: str, tmp_path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(model_config_to_hf(get_preset(name))))
-    c = load_config(str(tmp_path))  # a HF directory
-    want, got = count_params(get_preset(name)), count_params(c)
-    assert (
-        got.total_with_mtp == want.total_with_mtp and got.active_with_embedding == want.active_with_embedding
-    )
-    assert kv_bytes(c, 1) == kv_bytes(get_preset(name), 1)
-
-
-def test_config_without_sizes_is_an_error(tmp_path) -> None:
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"model_type": "qwen3_moe"}))
-    with pytest.raises(ConfigError, match=r"missing required key\(s\) \['vocab_size', 'hidden_size'"):
-        load_config(str(path))
-    path.write_text(json.dumps({"preset": "micro", "num_hidden_layers": 2}))
-    assert load_config(str(path)).num_hidden_layers == 2
-
-
-def test_hf_config_unknown_family(tmp_path) -> None:
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
-    with pytest.raises(ConfigError, match="model_type='llama'.*is not a supported family"):
-        load_config(str(path))
 
 
 # --- the command ---------------------------------------------------------------------------------------
