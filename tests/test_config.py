@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from widemoe.config import PRESET_NAMES, ConfigError, ModelConfig, get_preset
+from widemoe.config import ConfigError, ModelConfig
+from widemoe.presets import PRESET_NAMES, config_from_file, get_preset
 
 
 @pytest.mark.parametrize(
@@ -86,18 +87,18 @@ def test_presets_have_published_dimensions():
 def test_config_files_json_and_toml(tmp_path):
     j = tmp_path / "m.json"
     j.write_text(json.dumps({"preset": "micro", "n_routed_experts": 16}))
-    assert ModelConfig.from_file(j).n_routed_experts == 16
+    assert config_from_file(j).n_routed_experts == 16
     t = tmp_path / "m.toml"
     t.write_text('preset = "tiny"\nnum_hidden_layers = 2\n')
-    assert ModelConfig.from_file(t).num_hidden_layers == 2
+    assert config_from_file(t).num_hidden_layers == 2
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="bad.json: not valid JSON"):
-        ModelConfig.from_file(bad)
+        config_from_file(bad)
     unknown = tmp_path / "u.json"
     unknown.write_text(json.dumps({"hidden_size": 64, "n_expert": 3}))
     with pytest.raises(ConfigError, match=r"u.json: unknown config field\(s\) \['n_expert'\]"):
-        ModelConfig.from_file(unknown)
+        config_from_file(unknown)
 
 
 def test_round_trip_through_dict():

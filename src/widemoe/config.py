@@ -11,7 +11,8 @@ Validation runs when the dataclass is built (also through `dataclasses.replace`)
 names the field and the rule it breaks, e.g. ``num_experts_per_tok=20 exceeds n_routed_experts=16``.
 
 The presets (published dimensions of real releases, and the small CPU sizes) are in
-`widemoe.presets`; `get_preset` and `PRESET_NAMES` are re-exported here.
+`widemoe.presets`, one layer up: `widemoe.presets.config_from_file` reads a config file that starts
+from a preset. Per-family rules (fields only one family reads) are picked from `FAMILY_RULES`.
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser as the `tomli` package (a dependency there, see pyproject.toml)
+    import tomli as tomllib
 
 SCORING_FUNCS = ("sigmoid", "softmax", "sqrtsoftplus")
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
@@ -174,7 +182,7 @@ class ModelConfig:
     # --- construction helpers ------------------------------------------------------------------
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed; validated like any other config."""
-        _check_known(changes, "replace()")
+        check_known_fields(changes, "replace()")
         return dataclasses.replace(self, **changes)
 
     @property
@@ -200,36 +208,47 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> ModelConfig:
         """Build from widemoe's own field names; unknown keys are an error naming them."""
-        _check_known(d, source)
+        check_known_fields(d, source)
         return cls(**d)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> ModelConfig:
-        """Read a widemoe config from JSON or TOML. A `preset` key starts from that preset."""
+    def from_file(cls, path: str | Path, presets: PresetLookup | None = None) -> ModelConfig:
+        """Read a widemoe config from JSON or TOML. A `preset` key starts from `presets(name)`;
+        `widemoe.presets.config_from_file` passes the preset table (config.py sits below presets.py)."""
         p = Path(path)
-        try:
-            text = p.read_text()
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
-        try:
-            if p.suffix == ".toml":
-                import tomllib
-
-                d = tomllib.loads(text)
-            else:
-                d = json.loads(text)
-        except Exception as e:  # noqa: BLE001 - any parse error becomes a ConfigError naming the file
-            raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{p}: expected a mapping of config fields at the top level")
+        d = read_config_mapping(p)
         base = d.pop("preset", None)
-        if base is not None:
-            _check_known(d, str(p))
-            return get_preset(base).replace(**d)
-        return cls.from_dict(d, source=str(p))
+        if base is None:
+            return cls.from_dict(d, source=str(p))
+        if presets is None:
+            raise ConfigError(
+                f"{p}: 'preset' = {base!r} needs the preset table; "
+                "read the file with widemoe.presets.config_from_file"
+            )
+        check_known_fields(d, str(p))
+        return presets(base).replace(**d)
 
 
-def _check_known(d: dict[str, Any], source: str) -> None:
+PresetLookup = Callable[[str], ModelConfig]  # name -> config (widemoe.presets.get_preset)
+
+
+def read_config_mapping(p: Path) -> dict[str, Any]:
+    """The top-level mapping of a JSON or TOML config file; any read or parse error names the file."""
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
+    try:
+        d = tomllib.loads(text) if p.suffix == ".toml" else json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes a ConfigError naming the file
+        raise ConfigError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'JSON'}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: expected a mapping of config fields at the top level")
+    return d
+
+
+def check_known_fields(d: dict[str, Any], source: str) -> None:
+    """Refuse keys that are not ModelConfig fields, naming them and where they came from."""
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(d) - known)
     if unknown:
@@ -238,228 +257,229 @@ def _check_known(d: dict[str, Any], source: str) -> None:
         )
 
 
-def _validate(c: ModelConfig) -> None:
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
+# --- validation: generic rules, then the rules of the config's family ---------------------------------
 
-    for name in (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "max_position_embeddings",
-    ):
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _need_ints(c: ModelConfig, names: tuple[str, ...], minimum: int) -> None:
+    """Each named field is an int >= minimum (1: positive, 0: non-negative)."""
+    rule = "a positive integer" if minimum == 1 else "a non-negative integer"
+    for name in names:
         v = getattr(c, name)
-        need(isinstance(v, int) and v > 0, f"{name}={v!r} must be a positive integer")
-    for name in (
-        "intermediate_size",
-        "moe_intermediate_size",
-        "n_routed_experts",
-        "n_shared_experts",
-        "num_experts_per_tok",
-        "first_k_dense_replace",
-        "num_nextn_predict_layers",
-    ):
+        _need(isinstance(v, int) and v >= minimum, f"{name}={v!r} must be {rule}")
+
+
+def _validate(c: ModelConfig) -> None:
+    _validate_sizes(c)
+    if c.moe_layer_indices:
+        _validate_moe(c)
+    _validate_routing(c)
+    _validate_attention(c)
+    _validate_rope(c)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = getattr(c, name)
-        need(isinstance(v, int) and v >= 0, f"{name}={v!r} must be a non-negative integer")
-    need(c.hidden_act == "silu", f"hidden_act={c.hidden_act!r} is not supported (only 'silu' SwiGLU)")
-    need(
+        _need(
+            v is None or (isinstance(v, int) and 0 <= v < c.vocab_size),
+            f"{name}={v!r} must be null or a token id in [0, vocab_size={c.vocab_size})",
+        )
+    FAMILY_RULES.get(c.model_type, _validate_standard_family)(c)
+
+
+def _validate_sizes(c: ModelConfig) -> None:
+    _need_ints(
+        c,
+        ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"),
+        1,
+    )
+    counts = ("intermediate_size", "moe_intermediate_size", "n_routed_experts", "n_shared_experts",
+              "num_experts_per_tok", "first_k_dense_replace", "num_nextn_predict_layers")
+    _need_ints(c, counts, 0)
+    _need(c.hidden_act == "silu", f"hidden_act={c.hidden_act!r} is not supported (only 'silu' SwiGLU)")
+    _need(
         c.first_k_dense_replace <= c.num_hidden_layers,
         f"first_k_dense_replace={c.first_k_dense_replace} exceeds num_hidden_layers={c.num_hidden_layers}",
     )
     for i in c.mlp_only_layers:
-        need(
+        _need(
             0 <= i < c.num_hidden_layers,
             f"mlp_only_layers contains {i}, outside [0, num_hidden_layers={c.num_hidden_layers})",
         )
-    has_dense = any(not c.is_moe_layer(i) for i in range(c.num_hidden_layers))
-    if has_dense:
-        need(
+    if any(not c.is_moe_layer(i) for i in range(c.num_hidden_layers)):
+        _need(
             c.intermediate_size > 0,
             "intermediate_size must be > 0 when a dense layer exists "
             f"(first_k_dense_replace={c.first_k_dense_replace}, mlp_only_layers={list(c.mlp_only_layers)})",
         )
 
-    # MoE
-    has_moe = bool(c.moe_layer_indices)
-    if has_moe:
-        E, k = c.n_routed_experts, c.num_experts_per_tok
-        need(E >= 1, f"n_routed_experts={E} must be >= 1 when the model has MoE layers")
-        need(c.moe_intermediate_size > 0, f"moe_intermediate_size={c.moe_intermediate_size} must be > 0")
-        need(k >= 1, f"num_experts_per_tok={k} must be >= 1")
-        need(k <= E, f"num_experts_per_tok={k} exceeds n_routed_experts={E}")
-        need(c.n_group >= 1, f"n_group={c.n_group} must be >= 1")
-        need(E % c.n_group == 0, f"n_routed_experts={E} is not divisible by n_group={c.n_group}")
-        need(1 <= c.topk_group <= c.n_group, f"topk_group={c.topk_group} must be in [1, n_group={c.n_group}]")
-        per_group = E // c.n_group
-        need(
-            k <= c.topk_group * per_group,
-            f"num_experts_per_tok={k} exceeds topk_group*experts_per_group={c.topk_group}*{per_group}: "
-            "the kept groups cannot supply that many experts",
+
+def _validate_moe(c: ModelConfig) -> None:
+    """Expert counts and groups of a model with MoE layers."""
+    E, k = c.n_routed_experts, c.num_experts_per_tok
+    _need(E >= 1, f"n_routed_experts={E} must be >= 1 when the model has MoE layers")
+    _need(c.moe_intermediate_size > 0, f"moe_intermediate_size={c.moe_intermediate_size} must be > 0")
+    _need(k >= 1, f"num_experts_per_tok={k} must be >= 1")
+    _need(k <= E, f"num_experts_per_tok={k} exceeds n_routed_experts={E}")
+    _need(c.n_group >= 1, f"n_group={c.n_group} must be >= 1")
+    _need(E % c.n_group == 0, f"n_routed_experts={E} is not divisible by n_group={c.n_group}")
+    _need(1 <= c.topk_group <= c.n_group, f"topk_group={c.topk_group} must be in [1, n_group={c.n_group}]")
+    per_group = E // c.n_group
+    _need(
+        k <= c.topk_group * per_group,
+        f"num_experts_per_tok={k} exceeds topk_group*experts_per_group={c.topk_group}*{per_group}: "
+        "the kept groups cannot supply that many experts",
+    )
+    if c.n_group > 1 and c.topk_method == "noaux_tc":
+        _need(
+            per_group >= 2,
+            f"n_routed_experts/n_group={per_group} must be >= 2: "
+            "group scores are the sum of each group's top-2 experts",
         )
-        if c.n_group > 1 and c.topk_method == "noaux_tc":
-            need(
-                per_group >= 2,
-                f"n_routed_experts/n_group={per_group} must be >= 2: "
-                "group scores are the sum of each group's top-2 experts",
-            )
-    need(c.scoring_func in SCORING_FUNCS, f"scoring_func={c.scoring_func!r} must be one of {SCORING_FUNCS}")
-    need(c.topk_method in TOPK_METHODS, f"topk_method={c.topk_method!r} must be one of {TOPK_METHODS}")
-    need(c.routed_scaling_factor > 0, f"routed_scaling_factor={c.routed_scaling_factor} must be > 0")
+
+
+def _validate_routing(c: ModelConfig) -> None:
+    """Router switches and the loss coefficients."""
+    _need(c.scoring_func in SCORING_FUNCS, f"scoring_func={c.scoring_func!r} must be one of {SCORING_FUNCS}")
+    _need(c.topk_method in TOPK_METHODS, f"topk_method={c.topk_method!r} must be one of {TOPK_METHODS}")
+    _need(c.routed_scaling_factor > 0, f"routed_scaling_factor={c.routed_scaling_factor} must be > 0")
     if c.capacity_factor is not None:
-        need(c.capacity_factor > 0, f"capacity_factor={c.capacity_factor} must be > 0 (or None for dropless)")
-    for name in (
-        "aux_loss_alpha",
-        "router_aux_loss_coef",
-        "router_z_loss_coef",
-        "bias_update_speed",
-        "mtp_loss_weight",
-    ):
+        _need(c.capacity_factor > 0,
+              f"capacity_factor={c.capacity_factor} must be > 0 (or None for dropless)")
+    for name in ("aux_loss_alpha", "router_aux_loss_coef", "router_z_loss_coef", "bias_update_speed",
+                 "mtp_loss_weight"):
         v = getattr(c, name)
-        need(
+        _need(
             isinstance(v, (int, float)) and v >= 0 and math.isfinite(v),
             f"{name}={v!r} must be finite and >= 0",
         )
 
-    # attention
+
+def _validate_attention(c: ModelConfig) -> None:
     H = c.num_attention_heads
     if c.is_mla:
-        need(c.kv_lora_rank > 0, f"kv_lora_rank={c.kv_lora_rank} must be > 0 (or null for GQA attention)")
-        need(
+        _need(c.kv_lora_rank > 0, f"kv_lora_rank={c.kv_lora_rank} must be > 0 (or null for GQA attention)")
+        _need(
             c.q_lora_rank is None or c.q_lora_rank > 0,
             f"q_lora_rank={c.q_lora_rank} must be > 0 or null (null = a single q_proj)",
         )
-        need(
+        _need(
             c.qk_rope_head_dim > 0 and c.qk_rope_head_dim % 2 == 0,
             f"qk_rope_head_dim={c.qk_rope_head_dim} must be a positive even number",
         )
-        need(c.qk_nope_head_dim >= 0, f"qk_nope_head_dim={c.qk_nope_head_dim} must be >= 0")
-        need(c.v_head_dim > 0, f"v_head_dim={c.v_head_dim} must be > 0")
+        _need(c.qk_nope_head_dim >= 0, f"qk_nope_head_dim={c.qk_nope_head_dim} must be >= 0")
+        _need(c.v_head_dim > 0, f"v_head_dim={c.v_head_dim} must be > 0")
     else:
         kvh = c.kv_heads
-        need(
+        _need(
             kvh >= 1 and H % kvh == 0,
             f"num_attention_heads={H} is not divisible by num_key_value_heads={kvh}",
         )
         hd = c.gqa_head_dim
-        need(hd > 0 and hd % 2 == 0, f"head_dim={hd} must be a positive even number (RoPE rotates pairs)")
+        _need(hd > 0 and hd % 2 == 0, f"head_dim={hd} must be a positive even number (RoPE rotates pairs)")
         if c.head_dim is None:
-            need(
+            _need(
                 c.hidden_size % H == 0,
                 f"hidden_size={c.hidden_size} is not divisible by "
                 f"num_attention_heads={H}; set head_dim explicitly",
             )
-    need(c.qk_norm in QK_NORMS, f"qk_norm={c.qk_norm!r} must be one of {QK_NORMS}")
-    need(c.rms_norm_eps > 0, f"rms_norm_eps={c.rms_norm_eps} must be > 0")
-    need(c.rope_theta > 0, f"rope_theta={c.rope_theta} must be > 0")
+    _need(c.qk_norm in QK_NORMS, f"qk_norm={c.qk_norm!r} must be one of {QK_NORMS}")
+    _need(c.rms_norm_eps > 0, f"rms_norm_eps={c.rms_norm_eps} must be > 0")
 
+
+def _validate_rope(c: ModelConfig) -> None:
+    _need(c.rope_theta > 0, f"rope_theta={c.rope_theta} must be > 0")
     rs = c.rope_scaling
-    if rs is not None:
-        need(isinstance(rs, dict), f"rope_scaling={rs!r} must be a mapping or null")
-        kind = rs.get("type", rs.get("rope_type"))
-        need(kind in ROPE_TYPES, f"rope_scaling.type={kind!r} must be one of {ROPE_TYPES}")
-        if kind == "yarn":
-            f = rs.get("factor")
-            need(
-                isinstance(f, (int, float)) and f >= 1,
-                f"rope_scaling.factor={f!r} must be a number >= 1 for YaRN",
-            )
-            L0 = rs.get("original_max_position_embeddings")
-            need(
-                isinstance(L0, int) and L0 > 0,
-                f"rope_scaling.original_max_position_embeddings={L0!r} must be a positive integer for YaRN",
-            )
-            for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
-                v = rs.get(key)
-                need(
-                    v is None or (isinstance(v, (int, float)) and v >= 0),
-                    f"rope_scaling.{key}={v!r} must be a non-negative number",
-                )
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        v = getattr(c, name)
-        need(
-            v is None or (isinstance(v, int) and 0 <= v < c.vocab_size),
-            f"{name}={v!r} must be null or a token id in [0, vocab_size={c.vocab_size})",
-        )
-    _validate_v4(c)
-
-
-def _validate_v4(c: ModelConfig) -> None:
-    """Rules of the DeepSeek-V4 fields; other families must leave the V4-only switches unset."""
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    if not c.is_v4:
-        need(not c.layer_types, f"layer_types={list(c.layer_types)} is only read by model_type='deepseek_v4'")
-        need(
-            c.num_hash_layers == 0,
-            f"num_hash_layers={c.num_hash_layers} is only read by "
-            "model_type='deepseek_v4' (hash routing needs the V4 router)",
-        )
+    if rs is None:
         return
+    _need(isinstance(rs, dict), f"rope_scaling={rs!r} must be a mapping or null")
+    kind = rs.get("type", rs.get("rope_type"))
+    _need(kind in ROPE_TYPES, f"rope_scaling.type={kind!r} must be one of {ROPE_TYPES}")
+    if kind != "yarn":
+        return
+    f = rs.get("factor")
+    _need(isinstance(f, (int, float)) and f >= 1, f"rope_scaling.factor={f!r} must be a number >= 1 for YaRN")
+    L0 = rs.get("original_max_position_embeddings")
+    _need(
+        isinstance(L0, int) and L0 > 0,
+        f"rope_scaling.original_max_position_embeddings={L0!r} must be a positive integer for YaRN",
+    )
+    for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        v = rs.get(key)
+        _need(
+            v is None or (isinstance(v, (int, float)) and v >= 0),
+            f"rope_scaling.{key}={v!r} must be a non-negative number",
+        )
+
+
+def _validate_standard_family(c: ModelConfig) -> None:
+    """Families without blocks of their own must leave the switches that only such blocks read unset."""
+    _need(not c.layer_types, f"layer_types={list(c.layer_types)} is only read by model_type='deepseek_v4'")
+    _need(
+        c.num_hash_layers == 0,
+        f"num_hash_layers={c.num_hash_layers} is only read by "
+        "model_type='deepseek_v4' (hash routing needs the V4 router)",
+    )
+
+
+def _validate_deepseek_v4(c: ModelConfig) -> None:
+    """Rules of the DeepSeek-V4 fields (shared/reference/deepseek_v4.md)."""
     L = c.num_hidden_layers
     if c.layer_types:
-        need(
+        _need(
             len(c.layer_types) == L,
             f"layer_types has {len(c.layer_types)} entries; the rule is one per "
             f"layer (num_hidden_layers={L})",
         )
         bad = sorted({t for t in c.layer_types if t not in V4_LAYER_TYPES})
-        need(not bad, f"layer_types contains {bad}; each entry must be one of {V4_LAYER_TYPES}")
-    need(not c.is_mla, f"kv_lora_rank={c.kv_lora_rank} must be null for deepseek_v4 (one shared K=V head)")
-    need(c.kv_heads == 1, f"num_key_value_heads={c.num_key_value_heads} must be 1 for deepseek_v4")
+        _need(not bad, f"layer_types contains {bad}; each entry must be one of {V4_LAYER_TYPES}")
+    _need(not c.is_mla, f"kv_lora_rank={c.kv_lora_rank} must be null for deepseek_v4 (one shared K=V head)")
+    _need(c.kv_heads == 1, f"num_key_value_heads={c.num_key_value_heads} must be 1 for deepseek_v4")
     d, r = c.gqa_head_dim, c.qk_rope_head_dim
-    need(
+    _need(
         r > 0 and r % 2 == 0 and r <= d,
         f"qk_rope_head_dim={r} must be a positive even number <= head_dim={d} (the rope slice of a head)",
     )
-    need(
+    _need(
         c.q_lora_rank is not None and c.q_lora_rank > 0,
         f"q_lora_rank={c.q_lora_rank} must be > 0 for deepseek_v4 (low-rank queries feed the indexer)",
     )
-    need(
+    _need(
         c.o_groups >= 1 and (c.num_attention_heads * d) % c.o_groups == 0,
         f"o_groups={c.o_groups} must divide num_attention_heads*head_dim={c.num_attention_heads * d}",
     )
-    for name in (
-        "o_lora_rank",
-        "hc_mult",
-        "hc_sinkhorn_iters",
-        "index_n_heads",
-        "index_topk",
-        "compress_rate_csa",
-        "compress_rate_hca",
-    ):
-        v = getattr(c, name)
-        need(isinstance(v, int) and v >= 1, f"{name}={v!r} must be a positive integer")
-    need(
+    sizes = ("o_lora_rank", "hc_mult", "hc_sinkhorn_iters", "index_n_heads", "index_topk",
+             "compress_rate_csa", "compress_rate_hca")
+    _need_ints(c, sizes, 1)
+    _need(
         c.sliding_window is not None and c.sliding_window >= 1,
         f"sliding_window={c.sliding_window!r} must be a positive integer for deepseek_v4 "
         "(every layer has one)",
     )
-    need(
+    _need(
         c.index_head_dim >= r and c.index_head_dim % 2 == 0,
         f"index_head_dim={c.index_head_dim} must be even and >= qk_rope_head_dim={r}",
     )
-    need(0 <= c.num_hash_layers <= L, f"num_hash_layers={c.num_hash_layers} must be in [0, {L}]")
-    need(
+    _need(0 <= c.num_hash_layers <= L, f"num_hash_layers={c.num_hash_layers} must be in [0, {L}]")
+    _need(
         c.first_k_dense_replace == 0 and not c.mlp_only_layers,
         "deepseek_v4 has no dense layers: first_k_dense_replace must be 0 and mlp_only_layers empty",
     )
-    need(c.n_shared_experts <= 1, f"n_shared_experts={c.n_shared_experts} must be 0 or 1 for deepseek_v4")
-    need(c.swiglu_limit is None or c.swiglu_limit > 0, f"swiglu_limit={c.swiglu_limit} must be > 0 or null")
-    need(c.hc_eps > 0, f"hc_eps={c.hc_eps} must be > 0")
-    need(c.compress_rope_theta > 0, f"compress_rope_theta={c.compress_rope_theta} must be > 0")
-    need(
+    _need(c.n_shared_experts <= 1, f"n_shared_experts={c.n_shared_experts} must be 0 or 1 for deepseek_v4")
+    _need(c.swiglu_limit is None or c.swiglu_limit > 0, f"swiglu_limit={c.swiglu_limit} must be > 0 or null")
+    _need(c.hc_eps > 0, f"hc_eps={c.hc_eps} must be > 0")
+    _need(c.compress_rope_theta > 0, f"compress_rope_theta={c.compress_rope_theta} must be > 0")
+    _need(
         c.index_loss_coef >= 0 and math.isfinite(c.index_loss_coef),
         f"index_loss_coef={c.index_loss_coef} must be finite and >= 0",
     )
 
 
-# Presets live in widemoe.presets; re-exported here so `from widemoe.config import get_preset` works.
-from widemoe.presets import PRESET_NAMES, get_preset  # noqa: E402
+# The rules of each family with fields of its own, by model_type; every other family gets
+# `_validate_standard_family`. A family with new fields adds its validator here.
+FAMILY_RULES: dict[str, Callable[[ModelConfig], None]] = {"deepseek_v4": _validate_deepseek_v4}
 
-__all__ = ["ConfigError", "ModelConfig", "PRESET_NAMES", "get_preset"]
+__all__ = ["ConfigError", "FAMILY_RULES", "ModelConfig", "PresetLookup", "check_known_fields",
+           "read_config_mapping"]

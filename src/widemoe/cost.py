@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from widemoe.config import PRESET_NAMES, ConfigError, ModelConfig, get_preset
+from widemoe.config import ConfigError, ModelConfig
+from widemoe.presets import PRESET_NAMES, get_preset
 
 
 class CostError(ValueError):

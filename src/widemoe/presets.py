@@ -3,14 +3,16 @@
 Real models carry the values of their config.json files (collected in
 ``shared/reference/architecture.md`` section (g) and ``deepseek_v4.md``); `tiny` is the CPU demo size
 and `micro` the test size, both DeepSeek-V3 in miniature. `get_preset(name, **overrides)` returns a
-validated `ModelConfig`. The `v4-seed` design is explained in docs/cost.md.
+validated `ModelConfig`; `config_from_file(path)` reads a config file that may start from a preset.
+The `v4-seed` design is explained in docs/cost.md.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from widemoe.config import V4_LAYER_TYPES, ConfigError, ModelConfig, _check_known
+from widemoe.config import V4_LAYER_TYPES, ConfigError, ModelConfig, check_known_fields
 
 
 def _yarn(
@@ -274,59 +276,54 @@ _PRESETS: dict[str, dict[str, Any]] = {
 
 # --- DeepSeek-V4 presets (shared/reference/deepseek_v4.md section 1, published config.json values).
 _V4_CSA, _V4_HCA, _V4_SW = V4_LAYER_TYPES[1], V4_LAYER_TYPES[2], V4_LAYER_TYPES[0]
-_DEEPSEEK_V4_FLASH = dict(
-    model_type="deepseek_v4",
-    vocab_size=129280,
-    hidden_size=4096,
-    num_hidden_layers=43,
-    intermediate_size=2048,
-    moe_intermediate_size=2048,
-    n_routed_experts=256,
-    n_shared_experts=1,
-    num_experts_per_tok=6,
-    first_k_dense_replace=0,
-    n_group=1,
-    topk_group=1,
-    routed_scaling_factor=1.5,
-    scoring_func="sqrtsoftplus",
-    topk_method="noaux_tc",
-    norm_topk_prob=True,
-    num_attention_heads=64,
-    num_key_value_heads=1,
-    head_dim=512,
-    q_lora_rank=1024,
-    qk_rope_head_dim=64,
-    rope_theta=10000.0,
-    rope_scaling={
+# V4-Flash shares V3's vocabulary, routing switches, YaRN fields, MTP and token ids; it drops MLA
+# (one shared K=V head: no kv_lora_rank, nope or v widths) and V3's sequence-wise balance loss.
+_DEEPSEEK_V4_FLASH = {
+    **_DEEPSEEK_V3,
+    "model_type": "deepseek_v4",
+    "hidden_size": 4096,
+    "num_hidden_layers": 43,
+    "intermediate_size": 2048,
+    "moe_intermediate_size": 2048,
+    "num_experts_per_tok": 6,
+    "first_k_dense_replace": 0,
+    "n_group": 1,
+    "topk_group": 1,
+    "routed_scaling_factor": 1.5,
+    "scoring_func": "sqrtsoftplus",
+    "num_attention_heads": 64,
+    "num_key_value_heads": 1,
+    "head_dim": 512,
+    "q_lora_rank": 1024,
+    "kv_lora_rank": None,
+    "qk_nope_head_dim": 0,
+    "v_head_dim": 0,
+    "aux_loss_alpha": 0.0,
+    "rope_scaling": {
         "type": "yarn",
         "factor": 16,
         "original_max_position_embeddings": 65536,
         "beta_fast": 32,
         "beta_slow": 1,
     },
-    rope_interleave=True,
-    max_position_embeddings=1048576,
-    num_nextn_predict_layers=1,
-    rms_norm_eps=1e-6,
-    bos_token_id=0,
-    eos_token_id=1,
+    "max_position_embeddings": 1048576,
     # compress_ratios [0,0] + [4,128]*20 + [4]: 2 sliding-only, 21 CSA, 20 HCA
-    layer_types=(_V4_SW, _V4_SW) + (_V4_CSA, _V4_HCA) * 20 + (_V4_CSA,),
-    compress_rate_csa=4,
-    compress_rate_hca=128,
-    compress_rope_theta=160000.0,
-    sliding_window=128,
-    hc_mult=4,
-    hc_sinkhorn_iters=20,
-    hc_eps=1e-6,
-    o_groups=8,
-    o_lora_rank=1024,
-    index_n_heads=64,
-    index_head_dim=128,
-    index_topk=512,
-    num_hash_layers=3,
-    swiglu_limit=10.0,
-)
+    "layer_types": (_V4_SW, _V4_SW) + (_V4_CSA, _V4_HCA) * 20 + (_V4_CSA,),
+    "compress_rate_csa": 4,
+    "compress_rate_hca": 128,
+    "compress_rope_theta": 160000.0,
+    "sliding_window": 128,
+    "hc_mult": 4,
+    "hc_sinkhorn_iters": 20,
+    "hc_eps": 1e-6,
+    "o_groups": 8,
+    "o_lora_rank": 1024,
+    "index_n_heads": 64,
+    "index_head_dim": 128,
+    "index_topk": 512,
+    "num_hash_layers": 3,
+    "swiglu_limit": 10.0,
+}
 _PRESETS["deepseek-v4-flash"] = _DEEPSEEK_V4_FLASH
 _PRESETS["deepseek-v4-pro"] = {
     **_DEEPSEEK_V4_FLASH,
@@ -389,9 +386,14 @@ def get_preset(name: str, **overrides: Any) -> ModelConfig:
     d = dict(_PRESETS[name])
     if d.get("rope_scaling") is not None:
         d["rope_scaling"] = dict(d["rope_scaling"])
-    _check_known(overrides, f"preset {name!r} overrides")
+    check_known_fields(overrides, f"preset {name!r} overrides")
     d.update(overrides)
     return ModelConfig(**d)
 
 
-__all__ = ["PRESET_NAMES", "get_preset"]
+def config_from_file(path: str | Path) -> ModelConfig:
+    """Read a widemoe config file (JSON or TOML); a `preset` key starts from that preset."""
+    return ModelConfig.from_file(path, presets=get_preset)
+
+
+__all__ = ["PRESET_NAMES", "config_from_file", "get_preset"]

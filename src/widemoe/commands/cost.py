@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from widemoe.config import PRESET_NAMES, ConfigError, ModelConfig, get_preset
+from widemoe.config import ConfigError, ModelConfig
 from widemoe.cost import (
     BYTES,
     GPT5_CLASS_DENSE,
@@ -43,6 +43,7 @@ from widemoe.cost import (
     v3_implied_mfu,
     weight_bytes,
 )
+from widemoe.presets import PRESET_NAMES, get_preset
 
 # ----------------------------------------------------------------------------------------------
 # gathering: one model's figures as a nested dict (the table and `--json` show the same numbers)
