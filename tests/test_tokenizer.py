@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from corpus_helpers import subset
 from widemoe import data
 from widemoe.data import tokenizer as tokmod
 
@@ -21,7 +22,7 @@ MIXED = (
 
 @pytest.fixture(scope="module")
 def small_corpus() -> data.Corpus:
-    return data.build_corpus(math_chars=40_000).subset(6)
+    return subset(data.build_corpus(math_chars=40_000), 6)
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +147,25 @@ def test_full_corpus_tokenizer(tmp_path: Path) -> None:
 
 
 def test_two_builds_give_the_same_token_ids(tok: data.Tokenizer) -> None:
-    a = data.build_corpus(math_chars=40_000).subset(6)
-    b = data.build_corpus(math_chars=40_000).subset(6)
+    a = subset(data.build_corpus(math_chars=40_000), 6)
+    b = subset(data.build_corpus(math_chars=40_000), 6)
     ta = data.tokenize_corpus(a, tok, use_cache=False)
     tb = data.tokenize_corpus(b, tok, use_cache=False)
     assert ta.key == tb.key
     for s in data.SPLITS:
         assert np.array_equal(ta.splits[s].ids, tb.splits[s].ids)
         assert len(ta.splits[s].ids) > 1000
+
+
+def test_model_tokenizer_bytes_and_file(tok: data.Tokenizer, tmp_path: Path) -> None:
+    """The tokenizer generation uses: UTF-8 bytes without a tokenizer.json, the file's ids with one."""
+    raw = tokmod.ModelTokenizer.for_model(None, vocab_size=256, eos_id=0)
+    assert raw.is_bytes and raw.encode("é!") == [195, 169, 33] and raw.decode([195, 169, 33, 300]) == "é!"
+    with pytest.raises(tokmod.TokenizerError, match="vocab_size=100 < 256"):
+        tokmod.ModelTokenizer.for_model(None, vocab_size=100)
+    with pytest.raises(tokmod.TokenizerError, match="no tokenizer.json"):
+        tokmod.ModelTokenizer.for_model(tmp_path, vocab_size=100)
+    tok.save(tmp_path)
+    from_file = tokmod.ModelTokenizer.for_model(tmp_path, vocab_size=100, eos_id=0, pad_id=1)
+    assert from_file.encode(MIXED) == tok.encode(MIXED) and from_file.decode(tok.encode(MIXED)) == MIXED
+    assert (from_file.eos_id, from_file.pad_id) == (0, 1)
