@@ -31,11 +31,12 @@ def test_generate_unknown_preset_is_clear():
 
 
 def test_generate_from_a_training_run_uses_its_checkpoint_and_tokenizer(tmp_path, capsys):
+    from corpus_helpers import subset
     from widemoe import data as wdata
+    from widemoe.train.config import TrainConfig
     from widemoe.train.run import run_training
-    from widemoe.train.trainer import TrainConfig
 
-    corpus = wdata.build_corpus(math_chars=60_000).subset(12)
+    corpus = subset(wdata.build_corpus(math_chars=60_000), 12)
     tc = TrainConfig(run_dir=str(tmp_path / "run"), preset="micro", vocab_size=512, seq_len=32, batch_size=4,
                      steps=2, warmup_steps=1, eval_every=2, eval_batches=1, save_every=2, progress=False)
     run_training(tc, corpus=corpus, cache_dir=tmp_path / "cache")

@@ -10,18 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from corpus_helpers import subset
 from widemoe import data as wdata
-from widemoe.train import checkpoint as ckpt
+from widemoe.hf.resolve import committed_checkpoints, latest_checkpoint
+from widemoe.train.build import prepare_train_data
+from widemoe.train.config import TrainConfig, TrainingStopped
+from widemoe.train.loop import Trainer
 from widemoe.train.metrics import read_metrics
-from widemoe.train.run import prepare_train_data
-from widemoe.train.trainer import TrainConfig, Trainer, TrainingStopped
 
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
 def corpus():
-    return wdata.build_corpus(math_chars=60_000).subset(12)
+    return subset(wdata.build_corpus(math_chars=60_000), 12)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +67,7 @@ def test_micro_run_lowers_the_loss(tmp_path, corpus, cache_dir):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
     ev = result["final_eval"]
     assert set(ev["heldout_loss"]) == {"prose", "code", "math"}
-    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-00000040"
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000040"
 
 
 def test_resume_is_exact(tmp_path, corpus, cache_dir):
@@ -93,7 +95,7 @@ def test_nan_guard_saves_last_good_step_and_stops(tmp_path, corpus, cache_dir):
     trainer.model.model.norm.register_forward_hook(poison)
     with pytest.raises(TrainingStopped, match="non-finite loss at step 4.*step 3.*saved"):
         trainer.fit()
-    latest = ckpt.latest_checkpoint(tmp_path / "run")
+    latest = latest_checkpoint(tmp_path / "run")
     assert latest is not None and latest.name == "step-00000003"
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["kind"] == "stopped"
@@ -102,15 +104,17 @@ def test_nan_guard_saves_last_good_step_and_stops(tmp_path, corpus, cache_dir):
 KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
+sys.path.insert(0, sys.argv[4])  # the tests directory, for corpus_helpers
+from corpus_helpers import subset
 from widemoe import data as wdata
-from widemoe.train import checkpoint as ckpt
-from widemoe.train.run import prepare_train_data
-from widemoe.train.trainer import TrainConfig, Trainer
+from widemoe.train.build import prepare_train_data
+from widemoe.train.config import TrainConfig
+from widemoe.train.loop import Trainer
 
 run_dir, cache_dir, flag = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 tc = TrainConfig(run_dir=run_dir, preset="micro", vocab_size=512, seq_len=32, batch_size=4, steps=4,
                  warmup_steps=1, eval_every=1000, eval_batches=1, save_every=2, progress=False)
-td = prepare_train_data(tc, wdata.build_corpus(math_chars=60_000).subset(12), cache_dir)
+td = prepare_train_data(tc, subset(wdata.build_corpus(math_chars=60_000), 12), cache_dir)
 trainer = Trainer(tc, td, tokenizer=td.tokenizer)
 real_save = ckpt.save_checkpoint
 
@@ -130,8 +134,9 @@ trainer.fit()
 
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, corpus, cache_dir):
     run_dir, flag = tmp_path / "run", tmp_path / "flag"
+    tests_dir = Path(__file__).parent
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, str(run_dir), str(cache_dir), str(flag)],
+        [sys.executable, "-c", KILL_SCRIPT, str(run_dir), str(cache_dir), str(flag), str(tests_dir)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -144,21 +149,21 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path, corpus, cache_d
     proc.wait()
     # The half-written step-4 directory exists but is not committed: the newest good one is step 2.
     assert (run_dir / "checkpoints" / "step-00000004").is_dir()
-    assert ckpt.latest_checkpoint(run_dir).name == "step-00000002"
+    assert latest_checkpoint(run_dir).name == "step-00000002"
     from widemoe.hf import load_pretrained
 
-    load_pretrained(ckpt.latest_checkpoint(run_dir))
+    load_pretrained(latest_checkpoint(run_dir))
     resumed = make_trainer(tc_for(run_dir, steps=4, save_every=2, resume=True), corpus, cache_dir)
     resumed.fit()
     assert resumed.step == 4
-    assert ckpt.latest_checkpoint(run_dir).name == "step-00000004"
+    assert latest_checkpoint(run_dir).name == "step-00000004"
     kinds = [r["kind"] for r in read_metrics(run_dir / "metrics.jsonl")]
     assert "resume" in kinds
 
 
 def test_retention_keeps_newest(tmp_path, corpus, cache_dir):
     make_trainer(tc_for(tmp_path / "run", steps=5, save_every=1, keep_last=2), corpus, cache_dir).fit()
-    names = [p.name for p in ckpt.committed_checkpoints(tmp_path / "run")]
+    names = [p.name for p in committed_checkpoints(tmp_path / "run")]
     assert names == ["step-00000004", "step-00000005"]
 
 

@@ -24,8 +24,9 @@ import torch
 from widemoe import data as wdata
 from widemoe.generate import GenerationConfig, generate
 from widemoe.runtime import configure_cpu_runtime
-from widemoe.train.run import prepare_train_data
-from widemoe.train.trainer import BALANCE_MODES, TrainConfig, Trainer
+from widemoe.train.build import prepare_train_data
+from widemoe.train.config import BALANCE_MODES, TrainConfig
+from widemoe.train.loop import Trainer
 
 # One prompt per domain for the sample generations.
 PROMPTS = {

@@ -1,4 +1,4 @@
-"""`widemoe train`: train a model on the embedded prose/code/math corpus (see widemoe.train.trainer)."""
+"""`widemoe train`: train a model on the embedded prose/code/math corpus (see widemoe.train.loop)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from widemoe.train.trainer import BALANCE_MODES, TrainConfig
+    from widemoe.train.config import BALANCE_MODES, TrainConfig
 
     d = TrainConfig()
     p = subparsers.add_parser("train", help="train a model on the embedded corpus", description=__doc__)
@@ -46,8 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from widemoe.runtime import configure_cpu_runtime
+    from widemoe.train.config import TrainConfig, TrainingStopped
     from widemoe.train.run import run_training
-    from widemoe.train.trainer import TrainConfig, TrainingStopped
 
     configure_cpu_runtime()
     fields = {k: v for k, v in vars(args).items() if k not in ("func", "command")}

@@ -16,7 +16,7 @@ Public API:
 
 - ``DOMAINS`` = ("prose", "code", "math") (the index is the domain id), ``SPLITS`` = ("train", "heldout").
 - ``build_corpus(math_chars, math_seed) -> Corpus``: ``Document(name, domain, split, text)`` tuples and a
-  ``content_hash``; ``Corpus.select(split, domain)``, ``.subset(n)`` (small corpus for tests), ``.sizes()``.
+  ``content_hash``; ``Corpus.select(split, domain)``, ``.sizes()``.
   Held-out split, fixed: the last 2 chapters of each novel, the modules in ``CODE_HELDOUT``, math problems
   whose text hashes to 0 mod 20. Documents: one novel chapter, one stdlib module, 8 math problems.
 - ``train_tokenizer(corpus, vocab_size=4096, cache_dir=None) -> Tokenizer``: ``encode``,

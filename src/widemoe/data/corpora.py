@@ -124,17 +124,6 @@ class Corpus:
             if (split is None or d.split == split) and (domain is None or d.domain == domain)
         ]
 
-    def subset(self, docs_per_group: int) -> Corpus:
-        """The first ``docs_per_group`` documents of every (domain, split): a small corpus for tests."""
-        seen: dict[tuple[str, str], int] = {}
-        keep = []
-        for d in self.documents:
-            n = seen.get((d.domain, d.split), 0)
-            if n < docs_per_group:
-                keep.append(d)
-                seen[(d.domain, d.split)] = n + 1
-        return Corpus(tuple(keep))
-
     def sizes(self) -> dict[str, dict[str, int]]:
         """{"<domain>/<split>": {"docs": n, "chars": n, "bytes": n (UTF-8)}}."""
         out: dict[str, dict[str, int]] = {}

@@ -1,4 +1,6 @@
-"""Crash-safe training checkpoints: a Hugging Face model directory plus the training state.
+"""Training checkpoints: the `Checkpointer` interface the loop saves and resumes through, and its one
+implementation today, `HFCheckpointer`: a crash-safe Hugging Face model directory plus the training state
+(a sharded DCP implementation comes with multi-process training).
 
 Layout of one checkpoint, `RUN/checkpoints/step-00000100/`:
 
@@ -12,22 +14,25 @@ killed at any moment therefore leaves either the previous checkpoint as the newe
 the new one complete. Retention deletes old committed checkpoints but never the newest one.
 
 The training state is loaded with `torch.load(weights_only=True)`: no pickled code ever runs.
+The read side of this layout (`MARKER`, `committed_checkpoints`, `latest_checkpoint`) is in
+`widemoe.hf.resolve`, which opens run directories as model specs without importing `train/`.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
-MARKER = "COMMITTED"
+from widemoe.hf import load_into, save_pretrained
+from widemoe.hf.resolve import MARKER, STEP_DIR_RE, committed_checkpoints, latest_checkpoint
+
 STATE_FILE = "trainer_state.pt"
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 def _fsync_path(path: Path) -> None:
@@ -47,20 +52,6 @@ def _fsync_tree(path: Path) -> None:
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
-
-
-def committed_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Committed checkpoints, oldest first; temporary and unmarked directories are ignored."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    found = committed_checkpoints(run_dir)
-    return found[-1] if found else None
 
 
 def save_checkpoint(
@@ -110,7 +101,7 @@ def _apply_retention(run_dir: Path, keep_last: int) -> None:
     root = run_dir / "checkpoints"
     for p in root.iterdir():
         if ".tmp-" in p.name or (
-            _STEP_DIR.match(p.name)
+            STEP_DIR_RE.match(p.name)
             and not (p / MARKER).exists()
             and newest is not None
             and p.name < newest.name
@@ -125,11 +116,72 @@ def load_training_state(ckpt: Path) -> dict[str, Any]:
     return torch.load(path, weights_only=True)
 
 
+class Checkpointer(Protocol):
+    """How a run saves and restores itself. `state` is the host-side training state (step, counters, data
+    cursor, RNG states, scheduler: plain tensors, numbers and strings); the model and optimizer are passed
+    as objects so that an implementation can save them sharded (each rank its own part)."""
+
+    def save(
+        self,
+        run_dir: Path,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+        *,
+        tokenizer: Any = None,
+        keep_last: int = 2,
+    ) -> Path:
+        """Write the checkpoint of `step` (complete, or not visible at all) and prune old ones; its path."""
+        ...
+
+    def latest(self, run_dir: Path) -> Path | None:
+        """The newest complete checkpoint of the run, or None."""
+        ...
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Restore the weights and optimizer state in place; return the `state` that was saved."""
+        ...
+
+
+class HFCheckpointer:
+    """Checkpoints as Hugging Face model directories (+ tokenizer) with `trainer_state.pt` beside them,
+    written by one process (layout and crash safety: this module's docstring)."""
+
+    def save(
+        self,
+        run_dir: Path,
+        step: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: dict[str, Any],
+        *,
+        tokenizer: Any = None,
+        keep_last: int = 2,
+    ) -> Path:
+        def write_model(d: Path) -> None:
+            save_pretrained(model, d)
+            if tokenizer is not None:
+                tokenizer.save(d)  # tokenizer.json + tokenizer_config.json with the special tokens
+
+        full = {**state, "optimizer": optimizer.state_dict()}
+        return save_checkpoint(run_dir, step, write_model, full, keep_last=keep_last)
+
+    def latest(self, run_dir: Path) -> Path | None:
+        return latest_checkpoint(run_dir)
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        load_into(model, path, model.config)  # strict, straight into the live parameters
+        state = load_training_state(path)
+        optimizer.load_state_dict(state.pop("optimizer"))
+        return state
+
+
 __all__ = [
-    "MARKER",
+    "Checkpointer",
+    "HFCheckpointer",
+    "STATE_FILE",
     "checkpoint_dir",
-    "committed_checkpoints",
-    "latest_checkpoint",
     "load_training_state",
     "save_checkpoint",
 ]

@@ -46,19 +46,26 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def measure_matmul_peak(dtype=None, n: int = 1024, min_time: float = 0.2) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype` (default fp32) on this machine (best of a few repetitions)."""
+def measure_matmul_peak(dtype=None, n: int = 1024, min_time: float = 0.2, device=None) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` (default fp32) on `device` (default the CPU), best of a
+    few repetitions."""
     import torch  # deferred: `widemoe report` reads metrics without needing torch
 
     dtype = dtype or torch.float32
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+    dev = torch.device(device if device is not None else "cpu")
+    sync = dev.type == "cuda"  # CUDA matmuls are asynchronous: time them to completion
+    a = torch.randn(n, n).to(device=dev, dtype=dtype)
+    b = torch.randn(n, n).to(device=dev, dtype=dtype)
     torch.mm(a, b)  # warm-up
     best = 0.0
     deadline = time.perf_counter() + min_time
     while True:
+        if sync:
+            torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         torch.mm(a, b)
+        if sync:
+            torch.cuda.synchronize(dev)
         dt = time.perf_counter() - t0
         best = max(best, 2 * n**3 / dt)
         if time.perf_counter() > deadline:

@@ -1,0 +1,196 @@
+"""The training loop: `Trainer` builds a run's parts (`widemoe.train.build`), then steps, logs, evaluates
+and checkpoints until the schedule (or `stop_at`) ends.
+
+AdamW, warmup + cosine, gradient clipping, accumulation, bf16 autocast on the run's device, balancing
+(`widemoe.train.step`), held-out eval (`widemoe.train.eval`), saves through a `Checkpointer`
+(`widemoe.train.checkpoint`). Every `log_every` steps one JSON line goes to `RUN/metrics.jsonl`; every
+`eval_every` steps the held-out loss per domain and the held-out MaxVio are logged too. Resuming
+continues exactly: the same losses and weights as a run that never stopped (tests/test_train.py).
+
+A non-finite loss or gradient norm stops training with a message and a checkpoint named after the
+last good step, so nothing before it is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from widemoe.train.build import ParallelizeFn, TrainData, build_parts, parallelize
+from widemoe.train.checkpoint import Checkpointer, HFCheckpointer
+from widemoe.train.config import TrainConfig, TrainingStopped
+from widemoe.train.eval import evaluate_heldout
+from widemoe.train.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
+from widemoe.train.progress import TrainProgress
+from widemoe.train.step import accumulate_gradients, close_balancing_window, non_finite, routing_fields
+
+
+class Trainer:
+    def __init__(
+        self,
+        tc: TrainConfig,
+        data: TrainData | Any,
+        tokenizer: Any = None,
+        *,
+        device: str | torch.device = "cpu",
+        mesh: Any = None,
+        parallelize_fn: ParallelizeFn = parallelize,
+        checkpointer: Checkpointer | None = None,
+    ):
+        """`data` has `train` (a resumable PackedBatches), `heldout` ({domain: [batches]}) and `domains`.
+        The model and every batch go to `device`; `parallelize_fn(model, mesh)` runs between building the
+        model and the optimizer; `checkpointer` defaults to Hugging Face directories (`HFCheckpointer`)."""
+        self.tc = tc
+        self.data = data
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.run_dir = Path(tc.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(tc.seed)
+        random.seed(tc.seed)
+        parts = build_parts(tc, self.device, mesh, parallelize_fn)
+        self.config, self.model = parts.config, parts.model
+        self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
+        self.checkpointer: Checkpointer = checkpointer if checkpointer is not None else HFCheckpointer()
+        self.step = 0
+        self.tokens_seen = 0
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.flops_per_token = train_flops_per_token(self.config, tc.seq_len)
+        self.peak_flops: float | None = None
+
+    # --- state ---------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """The host-side training state a checkpoint carries besides the model and optimizer."""
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "scheduler": self.scheduler.state_dict(),
+            "data": json.dumps(self.data.train.state_dict()),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": json.dumps(random.getstate()),
+            "train_config": json.dumps(asdict(self.tc)),
+        }
+
+    def save(self) -> Path:
+        return self.checkpointer.save(
+            self.run_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.state(),
+            tokenizer=self.tokenizer,
+            keep_last=self.tc.keep_last,
+        )
+
+    def try_resume(self) -> Path | None:
+        """Restore the newest complete checkpoint of the run directory, if there is one; its path."""
+        latest = self.checkpointer.latest(self.run_dir)
+        if latest is None:
+            return None
+        st = self.checkpointer.load(latest, self.model, self.optimizer)
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.data.train.load_state_dict(json.loads(st["data"]))
+        torch.set_rng_state(st["torch_rng"])
+        state = json.loads(st["python_rng"])
+        random.setstate((state[0], tuple(state[1]), state[2]))
+        self.step, self.tokens_seen = int(st["step"]), int(st["tokens_seen"])
+        return latest
+
+    # --- steps ---------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` micro-batches; the `train` record of it."""
+        tc, model = self.tc, self.model
+        model.train()
+        t0 = time.perf_counter()
+        acc = accumulate_gradients(model, self.data.train, tc, len(self.data.domains), self.device)
+        self.tokens_seen += acc.tokens
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        problem = non_finite(acc.logs["loss"], grad_norm, self.step + 1)
+        if problem is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingStopped(problem)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # Counts of every micro-batch of this step drive the bias update (once per optimizer step).
+        counts = close_balancing_window(model, tc)
+        dt = time.perf_counter() - t0
+        self.step += 1
+        tokens = tc.grad_accum * tc.batch_size * tc.seq_len
+        rec: dict[str, Any] = {
+            "kind": "train",
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "lr": self.scheduler.get_last_lr()[0],
+            **acc.logs,
+            "grad_norm": grad_norm,
+            "step_time": dt,
+            "tokens_per_s": tokens / dt,
+            "loss_by_domain": acc.loss_by_domain(self.data.domains),
+            **routing_fields(model, counts),
+        }
+        if self.peak_flops:
+            rec["mfu"] = self.flops_per_token * tokens / dt / self.peak_flops
+        return rec
+
+    def evaluate(self) -> dict[str, Any]:
+        """Held-out loss per domain, global MaxVio over the held-out set, domain x expert counts."""
+        fields = evaluate_heldout(self.model, self.data.heldout, self.tc.bf16, self.device)
+        return {"kind": "eval", "step": self.step, "tokens": self.tokens_seen, **fields}
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Resume if asked, then train until `steps` (or `stop_at`); the last eval record and the step."""
+        tc = self.tc
+        resumed = self.try_resume() if tc.resume else None
+        if self.peak_flops is None:
+            dtype = torch.bfloat16 if tc.bf16 else torch.float32
+            self.peak_flops = measure_matmul_peak(dtype, device=self.device)
+        self._write_opening(resumed)
+        last_eval: dict[str, Any] | None = None
+        end = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
+        with TrainProgress(tc.progress, tc.steps, self.step) as bar:
+            while self.step < end:
+                rec = self._step_or_stop()
+                if self.step % tc.log_every == 0 or self.step == end:
+                    self.metrics.write(rec)
+                if self.step % tc.eval_every == 0 or self.step == end:
+                    last_eval = self.evaluate()
+                    self.metrics.write(last_eval)
+                if self.step % tc.save_every == 0 or self.step == end:
+                    self.save()
+                bar(self.step, rec)
+        return {"final_eval": last_eval, "steps": self.step, "run_dir": str(self.run_dir)}
+
+    def _step_or_stop(self) -> dict[str, Any]:
+        """`train_step`, or on a non-finite step: save the last good state, log it, re-raise naming it."""
+        try:
+            return self.train_step()
+        except TrainingStopped as e:
+            path = self.save()
+            self.metrics.write({"kind": "stopped", "step": self.step, "reason": str(e)})
+            raise TrainingStopped(f"{e}; the last good state (step {self.step}) is saved in {path}") from None
+
+    def _write_opening(self, resumed: Path | None) -> None:
+        if resumed is not None:
+            self.metrics.write({"kind": "resume", "step": self.step, "from": str(resumed)})
+            return
+        self.metrics.write(
+            {
+                "kind": "start",
+                "config": self.config.to_dict(),
+                "train": asdict(self.tc),
+                "params": self.model.num_parameters(),
+                "peak_flops": self.peak_flops,
+                "flops_per_token": self.flops_per_token,
+            }
+        )
+
+
+__all__ = ["Trainer"]
