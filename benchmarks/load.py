@@ -35,7 +35,7 @@ def _status_kb(field: str) -> int:
 
 
 def bench_config(size_gb: float):
-    from widemoe.config import get_preset
+    from widemoe.presets import get_preset
 
     # 8 layers of 32 experts x 512 wide at hidden 1024 ~ 0.5B params ~ 1 GB in bf16; layers scale the size.
     layers = max(2, round(8 * size_gb))
@@ -73,12 +73,11 @@ def is_fp8_target(key: str, shape: tuple[int, ...]) -> bool:
 
 def write_checkpoint(path: Path, cfg, fp8: bool, shard_bytes: int = 200 * 10**6) -> int:
     """Random weights under the HF on-disk names; returns the bytes of the loaded (bf16) model."""
-    from widemoe.hf.config_map import model_config_to_hf
+    from widemoe.hf import adapter_for_config, model_config_to_hf
     from widemoe.hf.fp8 import quantize
-    from widemoe.hf.keymap import slot_to_hf
-    from widemoe.hf.loader import model_targets
-    from widemoe.hf.saver import Pending, write_safetensors
-    from widemoe.model.transformer import build_model
+    from widemoe.hf.plan import model_targets
+    from widemoe.hf.safetensors_io import Pending, write_safetensors
+    from widemoe.model.causal_lm import build_model
 
     meta = build_model(cfg, device="meta")
     path.mkdir(parents=True, exist_ok=True)
@@ -87,10 +86,11 @@ def write_checkpoint(path: Path, cfg, fp8: bool, shard_bytes: int = 200 * 10**6)
     size = 0
     model_bytes = 0
     pending: list[tuple[str, tuple[int, ...], bool]] = []
+    adapter = adapter_for_config(cfg)
     for name, t in model_targets(meta).items():
         router = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
         model_bytes += t.numel() * (4 if router else 2)
-        for key, slot in slot_to_hf(name, tuple(t.shape), cfg):
+        for key, slot in adapter.target_keys(name, tuple(t.shape), cfg):
             pending.append((key, slot.shape(tuple(t.shape)), router))
     names: list[tuple[str, int]] = []
     index: dict[str, str] = {}

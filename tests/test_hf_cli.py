@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from widemoe.cli import main
-from widemoe.config import get_preset
 from widemoe.hf import load_pretrained, save_pretrained
 from widemoe.hf.fp8 import dequantize, quantize
-from widemoe.hf.loader import read_safetensors_header
-from widemoe.model.transformer import build_model
+from widemoe.hf.safetensors_io import read_safetensors_header
+from widemoe.model.causal_lm import build_model
+from widemoe.presets import get_preset
 
 
 def _fp8_dir(tmp_path):

@@ -8,8 +8,9 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from widemoe.config import ConfigError, get_preset  # noqa: E402
-from widemoe.hf.config_map import detect_family, hf_to_model_config, model_config_to_hf  # noqa: E402
+from widemoe.config import ConfigError  # noqa: E402
+from widemoe.hf import detect_family, hf_to_model_config, model_config_to_hf  # noqa: E402
+from widemoe.presets import get_preset  # noqa: E402
 
 YARN = {
     "type": "yarn",

@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from widemoe.config import get_preset
 from widemoe.hf import LoadError, PickleCheckpointError, load_pretrained, save_pretrained
 from widemoe.hf.fp8 import dequantize, parse_quantization_config, quantize
-from widemoe.hf.loader import read_safetensors_header
-from widemoe.model.transformer import build_model
+from widemoe.hf.safetensors_io import read_safetensors_header
+from widemoe.model.causal_lm import build_model
+from widemoe.presets import get_preset
 
 ST = "model.safetensors"
 

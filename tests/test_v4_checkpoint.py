@@ -10,9 +10,9 @@ from safetensors.torch import save_file
 from transformers import DeepseekV4ForCausalLM
 
 from test_v4_parity import hf_pair, make_ids, tiny_v4_config
-from widemoe.hf import LoadError, load_pretrained, save_pretrained
+from widemoe.hf import LoadError, hf_tensors, load_pretrained, model_config_to_hf, save_pretrained
 from widemoe.hf import fp8 as fp8mod
-from widemoe.hf.deepseek_v4 import dequantize_fp4, quantize_fp4, save_v4, v4_config_to_hf, v4_tensors
+from widemoe.hf.fp4 import dequantize_fp4, quantize_fp4
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
@@ -41,7 +41,7 @@ def test_transformers_saved_directory_loads(pair, tmp_path) -> None:  # noqa: AN
 @pytest.mark.parametrize("layout", ["native", "transformers"])
 def test_saved_layouts_load_in_transformers_and_back(pair, tmp_path, layout: str) -> None:  # noqa: ANN001
     hf, wm = pair
-    save_v4(wm, tmp_path / layout, layout=layout)
+    save_pretrained(wm, tmp_path / layout, layout=layout)
     ref, info = DeepseekV4ForCausalLM.from_pretrained(tmp_path / layout, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ids = make_ids(wm.config, 1, 41)
@@ -52,7 +52,7 @@ def test_saved_layouts_load_in_transformers_and_back(pair, tmp_path, layout: str
 
 def test_native_names_are_the_release_names(pair) -> None:  # noqa: ANN001
     _, wm = pair
-    keys = {k for k, _ in v4_tensors(wm, "native")}
+    keys = {k for k, _ in hf_tensors(wm, "native")}
     for k in ("embed.weight", "head.weight", "norm.weight", "hc_head_fn", "layers.0.hc_attn_fn",
               "layers.0.attn.wq_a.weight", "layers.1.attn.compressor.ape",
               "layers.1.attn.indexer.wq_b.weight", "layers.1.attn.indexer.compressor.wkv.weight",
@@ -65,7 +65,7 @@ def test_native_names_are_the_release_names(pair) -> None:  # noqa: ANN001
 def test_strict_accounting_names_the_keys(pair, tmp_path) -> None:  # noqa: ANN001
     _, wm = pair
     d = tmp_path / "bad"
-    save_v4(wm, d, layout="native")
+    save_pretrained(wm, d, layout="native")
     from safetensors.torch import load_file
 
     sd = load_file(d / "model.safetensors")
@@ -115,7 +115,7 @@ def test_fp8_ue8m0_dequant_with_partial_blocks() -> None:
 def test_quantized_native_checkpoint_loads(pair, tmp_path) -> None:  # noqa: ANN001
     _, wm = pair
     d = tmp_path / "fp8"
-    save_v4(wm, d, layout="native")
+    save_pretrained(wm, d, layout="native")
     from safetensors.torch import load_file
 
     sd, expect = load_file(d / "model.safetensors"), {}
@@ -132,7 +132,7 @@ def test_quantized_native_checkpoint_loads(pair, tmp_path) -> None:  # noqa: ANN
             grid = s.repeat_interleave(128, 0)[: t.shape[0]].repeat_interleave(128, 1)[:, : t.shape[1]]
             expect[k] = q.float() * grid
     save_file(sd, d / "model.safetensors")
-    cfg = v4_config_to_hf(wm.config, dtype="float32", layout="native")
+    cfg = model_config_to_hf(wm.config, dtype="float32", layout="native")
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
                                   "scale_fmt": "ue8m0"}
     (d / "config.json").write_text(json.dumps(cfg))
@@ -158,15 +158,15 @@ def test_save_pretrained_dispatches_to_v4(pair, tmp_path) -> None:  # noqa: ANN0
 def test_mtp_block_round_trips_in_native_layout(tmp_path) -> None:
     c = tiny_v4_config(layer_types=["sliding_attention", "compressed_sparse_attention"], num_hash_layers=1,
                        num_nextn_predict_layers=1)
-    from widemoe.model.transformer import build_model
+    from widemoe.model.causal_lm import build_model
 
     wm = build_model(c, seed=0)
-    keys = {k for k, _ in v4_tensors(wm, "native")}
+    keys = {k for k, _ in hf_tensors(wm, "native")}
     for k in ("mtp.0.e_proj.weight", "mtp.0.h_proj.weight", "mtp.0.enorm.weight", "mtp.0.norm.weight",
               "mtp.0.hc_head_fn", "mtp.0.hc_attn_fn", "mtp.0.attn.wq_a.weight", "mtp.0.ffn.gate.bias",
               "mtp.0.ffn.experts.0.w1.weight", "mtp.0.attn_norm.weight"):
         assert k in keys, k
-    save_v4(wm, tmp_path / "n", layout="native")
+    save_pretrained(wm, tmp_path / "n", layout="native")
     assert json.loads((tmp_path / "n" / "config.json").read_text())["compress_ratios"] == [0, 4, 0]
     back = load_pretrained(tmp_path / "n", dtype="fp32")
     assert back.config.num_nextn_predict_layers == 1

@@ -1,18 +1,40 @@
-"""Hugging Face checkpoints in and out: config mapping, key mapping, FP8 dequantisation, strict loading,
-sharded saving. See loader.py and saver.py for the guarantees (strict accounting, bounded memory,
-safetensors only)."""
+"""Hugging Face checkpoints in and out: one adapter per model family (`widemoe.hf.families`: config
+mapping, key mapping, layouts), and generic pipelines that call it: strict loading (`loader`, with the
+accounting in `plan`), sharded saving (`saver`), streaming conversion (`convert`) and `inspect`.
+FP8/FP4 dequantisation in `fp8` / `fp4`, safetensors I/O in `safetensors_io`. See loader.py and
+saver.py for the guarantees (strict accounting, bounded memory, safetensors only)."""
 
-from widemoe.hf.config_map import FAMILIES, detect_family, hf_to_model_config, model_config_to_hf
-from widemoe.hf.loader import LoadError, LoadReport, PickleCheckpointError, load_into, load_pretrained
-from widemoe.hf.saver import save_pretrained
+from widemoe.hf.convert import ConvertSummary, convert_checkpoint
+from widemoe.hf.inspect import Inspection, inspect_checkpoint
+from widemoe.hf.loader import load_into, load_pretrained
+from widemoe.hf.plan import LoadError, LoadReport
+from widemoe.hf.registry import (
+    adapter_for_config,
+    adapter_for_hf,
+    detect_family,
+    family_names,
+    hf_to_model_config,
+    model_config_to_hf,
+)
+from widemoe.hf.safetensors_io import PickleCheckpointError
+from widemoe.hf.saver import hf_tensors, save_pretrained
+
+FAMILIES = family_names()
 
 __all__ = [
     "FAMILIES",
+    "ConvertSummary",
+    "Inspection",
     "LoadError",
     "LoadReport",
     "PickleCheckpointError",
+    "adapter_for_config",
+    "adapter_for_hf",
+    "convert_checkpoint",
     "detect_family",
+    "hf_tensors",
     "hf_to_model_config",
+    "inspect_checkpoint",
     "load_into",
     "load_pretrained",
     "model_config_to_hf",

@@ -1,0 +1,337 @@
+"""Strict accounting of a checkpoint against a model, before a byte of weights is read.
+
+Every source tensor is mapped to a destination by the family adapter and checked against the model's
+parameters and persistent buffers (shape and, for quantised tensors, the scale grid). The plan fails
+with :class:`LoadError` listing missing keys, unexpected keys and shape mismatches (expected vs found)
+unless every source tensor is consumed and every destination is written exactly once. Quantisation
+scales (FP8 ``weight_scale_inv`` / FP4 ``scale``) and redundant copies (DeepSeek MTP embed/head, a tied
+``lm_head``) are accounted for too. ``ignore=`` (regular expressions, ``re.search``) is the explicit
+escape hatch: ignored sources are skipped, ignored missing destinations are zero-filled, and both are
+reported. The loader (`widemoe.hf.loader`), the streaming converter (`widemoe.hf.convert`) and
+`widemoe.hf.inspect` all execute or report this one plan.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from widemoe.config import ModelConfig
+from widemoe.hf import fp4 as fp4mod
+from widemoe.hf import fp8 as fp8mod
+from widemoe.hf.families.base import FamilyAdapter, Redundant, Slot
+from widemoe.hf.safetensors_io import TensorInfo, read_tensor
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_PACKED = (torch.int8, torch.uint8)
+TargetShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype)
+
+
+class LoadError(ValueError):
+    """Strict accounting failed: the message lists every offending key."""
+
+    def __init__(
+        self,
+        path: str,
+        missing: list[str],
+        unexpected: list[str],
+        mismatched: list[str],
+        other: list[str] | None = None,
+    ) -> None:
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        self.other = other or []
+        parts = [f"{path}: checkpoint does not match the model"]
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches (key: expected vs found)", mismatched),
+            ("other problems", self.other),
+        ):
+            if items:
+                shown = items[:40] + ([f"... and {len(items) - 40} more"] if len(items) > 40 else [])
+                parts.append(f"{len(items)} {title}:\n  " + "\n  ".join(shown))
+        parts.append("Pass ignore=[regex, ...] (CLI: --ignore) only for keys you mean to skip.")
+        super().__init__("\n".join(parts))
+
+
+@dataclass
+class LoadReport:
+    path: str
+    family: str = ""
+    notices: list[str] = field(default_factory=list)
+    tensors_read: int = 0
+    dequantized: int = 0
+    scales: int = 0
+    verified_copies: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    zero_filled: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Read:
+    info: TensorInfo
+    slot: Slot
+    scale: TensorInfo | None = None  # quantised weights: the scale to multiply by
+    fmt: str = "plain"  # plain | fp8 | fp4
+
+    @property
+    def nbytes(self) -> int:
+        return self.info.end - self.info.start + (self.scale.end - self.scale.start if self.scale else 0)
+
+
+@dataclass(frozen=True)
+class Verify:
+    info: TensorInfo
+    of: str
+
+
+@dataclass
+class LoadPlan:
+    reads: list[Read]
+    verifies: list[Verify]
+    report: LoadReport
+
+
+def read_source(
+    r: Read, files: Callable[[Any], Any], fp8: fp8mod.Fp8Spec | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The tensor a planned read produces, dequantised and cast to ``dtype`` (``files``: path -> handle)."""
+    t = read_tensor(r.info, files(r.info.file))
+    if r.fmt == "plain":
+        return t.to(dtype)
+    assert r.scale is not None
+    scale = read_tensor(r.scale, files(r.scale.file))
+    if r.fmt == "fp8":
+        assert fp8 is not None
+        return fp8mod.dequantize(t, scale, fp8.block, out_dtype=dtype)
+    return fp4mod.dequantize_fp4(t, scale, dtype)
+
+
+class _Books:
+    """The running account of one plan: problems by kind, what each destination was written by."""
+
+    def __init__(self, ignore: Iterable[str], path: str, family: str) -> None:
+        self.pats = [re.compile(p) for p in ignore]
+        self.report = LoadReport(path, family=family)
+        self.missing: list[str] = []
+        self.unexpected: list[str] = []
+        self.mismatched: list[str] = []
+        self.other: list[str] = []
+        self.covered: dict[str, dict[Slot, str]] = {}
+        self.used_scales: set[str] = set()
+
+    def ignored(self, key: str) -> bool:
+        return any(p.search(key) for p in self.pats)
+
+    def skip(self, key: str, problem: str) -> None:
+        """An unwanted source tensor: reported as ignored when the user said so, else unexpected."""
+        if self.ignored(key):
+            self.report.ignored.append(key)
+        else:
+            self.unexpected.append(problem)
+
+    def claim(self, key: str, dest: Slot) -> bool:
+        """Record that ``key`` writes ``dest``; False (and a problem) when that part is already written:
+        fused and per-expert keys must not overlap."""
+        prev = self.covered.setdefault(dest.target, {})
+        whole = Slot(dest.target)
+        clash = prev.get(dest) or prev.get(whole)
+        if clash is None and dest == whole and prev:
+            clash = next(iter(prev.values()))
+        if clash:
+            self.other.append(f"{key}: writes {dest.target} already written by {clash}")
+            return False
+        prev[dest] = key
+        return True
+
+    def raise_if_any(self) -> None:
+        if self.missing or self.unexpected or self.mismatched or self.other:
+            raise LoadError(self.report.path, self.missing, self.unexpected, self.mismatched, self.other)
+
+
+def _quant_format(info: TensorInfo, target_dtype: torch.dtype, adapter: FamilyAdapter) -> str:
+    if adapter.fp4 and info.dtype in _PACKED and target_dtype.is_floating_point:
+        return "fp4"
+    return "fp8" if info.dtype in _FP8 else "plain"
+
+
+def _scale_of(
+    key: str,
+    info: TensorInfo,
+    fmt: str,
+    table: dict[str, TensorInfo],
+    adapter: FamilyAdapter,
+    fp8: fp8mod.Fp8Spec | None,
+    books: _Books,
+) -> TensorInfo | None:
+    """The scale tensor of quantised ``key``, checked against its grid (None: a problem was booked)."""
+    if fp8 is None:
+        books.other.append(f"{key}: stored as {info.dtype} but config.json has no FP8 quantization_config")
+        return None
+    names = adapter.scale_keys(key)
+    sk = next((k for k in names if k in table), None)
+    if sk is None:
+        books.missing.append(f"{names[0]} (scale of the {fmt.upper()} weight {key})")
+        return None
+    scale = table[sk]
+    books.used_scales.add(sk)
+    if fmt == "fp8":
+        want, how = fp8mod.scale_grid_shape(info.shape, fp8.block), f" (block {list(fp8.block)})"
+    else:
+        want, how = fp4mod.fp4_scale_shape(info.shape), ""
+    if tuple(scale.shape) != tuple(want):
+        books.mismatched.append(f"{sk}: expected {list(want)}{how} vs found {list(scale.shape)}")
+        return None
+    return scale
+
+
+def _plan_source(
+    key: str,
+    dest: Slot | Redundant | None,
+    table: dict[str, TensorInfo],
+    targets: TargetShapes,
+    adapter: FamilyAdapter,
+    fp8: fp8mod.Fp8Spec | None,
+    books: _Books,
+) -> Read | Verify | None:
+    """The read (or copy to verify) of one source tensor; None when it is skipped or has a problem."""
+    info = table[key]
+    if isinstance(dest, Redundant):
+        if dest.of in targets:
+            want = targets[dest.of][0]
+            if info.shape != want:
+                books.mismatched.append(
+                    f"{key}: expected {list(want)} (copy of {dest.of}) vs found {list(info.shape)}"
+                )
+                return None
+            if books.ignored(key):
+                books.report.ignored.append(key)
+                return None
+            return Verify(info, dest.of)
+        dest = None
+    if dest is None or dest.target not in targets:
+        renamed = dest is not None and dest.target != key
+        books.skip(key, key + (f" (-> {dest.target}, not a model parameter)" if renamed else ""))
+        return None
+    shape, dtype = targets[dest.target]
+    if dest.expert is not None and dest.expert >= shape[0]:
+        books.skip(key, f"{key} (expert {dest.expert} >= {shape[0]} experts)")
+        return None
+    want = dest.shape(shape)
+    fmt = _quant_format(info, dtype, adapter)
+    got = fp4mod.unpacked_shape(info.shape) if fmt == "fp4" else info.shape
+    if tuple(got) != tuple(want):
+        note = " (FP4: two values per byte)" if fmt == "fp4" else ""
+        books.mismatched.append(f"{key}: expected {list(want)} vs found {list(got)}{note}")
+        return None
+    scale = None
+    if fmt != "plain":
+        scale = _scale_of(key, info, fmt, table, adapter, fp8, books)
+        if scale is None:
+            return None
+    if not books.claim(key, dest):
+        return None
+    return Read(info, dest, scale, fmt)
+
+
+def _account_targets(adapter: FamilyAdapter, cfg: ModelConfig, targets: TargetShapes, books: _Books) -> None:
+    """Every destination must be written: name the checkpoint keys of each part that is not."""
+    for name, (shape, _) in targets.items():
+        got = books.covered.get(name, {})
+        if Slot(name) in got:
+            continue
+        need = adapter.target_keys(name, shape, cfg, adapter.accounting_layout)
+        lacking = [hk for hk, slot in need if slot not in got]
+        if not lacking and need:
+            continue
+        if books.ignored(name) or all(books.ignored(hk) for hk in lacking):
+            books.report.zero_filled.append(name)
+        elif len(need) == 1:
+            books.missing.append(f"{need[0][0]} (-> {name} {list(shape)})")
+        else:
+            books.missing.extend(f"{hk} (part of {name})" for hk in lacking)
+
+
+def plan_load(
+    cfg: ModelConfig,
+    targets: TargetShapes,
+    table: dict[str, TensorInfo],
+    *,
+    adapter: FamilyAdapter,
+    fp8: fp8mod.Fp8Spec | None = None,
+    ignore: Iterable[str] = (),
+    path: str = "checkpoint",
+) -> LoadPlan:
+    """Map every source tensor to a destination and check the books; raise LoadError on any gap."""
+    books = _Books(ignore, path, cfg.model_type)
+    shapes = {k: v[0] for k, v in targets.items()}
+    scale_keys = {k for k in table if adapter.is_scale_key(k)}
+    reads: list[Read] = []
+    verifies: list[Verify] = []
+    for key in sorted(set(table) - scale_keys):
+        step = _plan_source(key, adapter.source_slot(key, cfg, shapes), table, targets, adapter, fp8, books)
+        if isinstance(step, Read):
+            reads.append(step)
+        elif isinstance(step, Verify):
+            verifies.append(step)
+    for sk in sorted(scale_keys - books.used_scales):
+        books.skip(sk, sk)
+    _account_targets(adapter, cfg, targets, books)
+    books.raise_if_any()
+    books.report.scales = len(books.used_scales)
+    return LoadPlan(reads, verifies, books.report)
+
+
+def model_targets(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by state_dict name, aliases (tied weights) listed once."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[name] = t.data if isinstance(t, nn.Parameter) else t
+    return out
+
+
+def target_shapes(targets: dict[str, torch.Tensor]) -> TargetShapes:
+    """What `plan_load` checks a checkpoint against: shape and dtype per model tensor."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in targets.items()}
+
+
+def drop_absent_mtp(
+    cfg: ModelConfig, keys: Iterable[str], adapter: FamilyAdapter
+) -> tuple[ModelConfig, str | None]:
+    """The config without MTP modules when the checkpoint has none, and the notice that says so.
+
+    transformers' save_pretrained drops DeepSeek MTP layers (it has no MTP module): load the main
+    model and say so once, rather than failing on a checkpoint that never had them.
+    """
+    if not cfg.num_nextn_predict_layers or adapter.mtp_keys(list(keys), cfg):
+        return cfg, None
+    notice = (
+        f"config declares num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the checkpoint "
+        "has no MTP weights; loaded without MTP"
+    )
+    return cfg.replace(num_nextn_predict_layers=0), notice
+
+
+__all__ = [
+    "LoadError",
+    "LoadPlan",
+    "LoadReport",
+    "Read",
+    "Verify",
+    "drop_absent_mtp",
+    "model_targets",
+    "plan_load",
+    "read_source",
+    "target_shapes",
+]
