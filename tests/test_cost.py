@@ -16,7 +16,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from widemoe.commands import cost as cost_cmd
-from widemoe.config import PRESET_NAMES, get_preset
 from widemoe.cost import (
     PUBLISHED,
     CostError,
@@ -34,7 +33,8 @@ from widemoe.cost import (
     v3_implied_mfu,
     weight_bytes,
 )
-from widemoe.model.transformer import WideMoeForCausalLM
+from widemoe.model.causal_lm import WideMoeForCausalLM
+from widemoe.presets import PRESET_NAMES, get_preset
 
 # Small variants that reach code paths the presets do not: GQA with biases and tied embeddings,
 # full-width qk-norm, explicit dense layers, a model without MoE layers (its MTP block is dense).
