@@ -107,6 +107,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[4])  # the tests directory, for corpus_helpers
 from corpus_helpers import subset
 from widemoe import data as wdata
+from widemoe.train import checkpoint as ckpt
 from widemoe.train.build import prepare_train_data
 from widemoe.train.config import TrainConfig
 from widemoe.train.loop import Trainer

@@ -12,7 +12,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d = TrainConfig()
     p = subparsers.add_parser("train", help="train a model on the embedded corpus", description=__doc__)
     p.add_argument("--run-dir", default=d.run_dir, help="where checkpoints, metrics and the report go")
-    p.add_argument("--preset", default=d.preset, help="model preset (default: %(default)s)")
+    p.add_argument(
+        "--preset",
+        default=d.preset,
+        help="model preset (default: %(default)s), or any model spec: config file, HF model or run "
+        "directory (its architecture; training starts from scratch)",
+    )
     p.add_argument("--config", dest="config_file", default=None, help="widemoe model config (JSON or TOML)")
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
     p.add_argument("--seq-len", type=int, default=d.seq_len)
