@@ -40,9 +40,11 @@ import torch
 import torch.nn.functional as F
 
 from widemoe.config import ModelConfig
-from widemoe.model.experts import reference_moe
 from widemoe.model.moe import MoE
 from widemoe.runtime import configure_cpu_runtime
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from oracles import reference_moe  # noqa: E402  (the test oracle; tests/ is not a package)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "moe_layer.json"
 

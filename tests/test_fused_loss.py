@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 import widemoe.model.loss as loss_mod
-from widemoe.config import get_preset
+from widemoe.model.causal_lm import build_model
 from widemoe.model.loss import IGNORE_INDEX, linear_cross_entropy
-from widemoe.model.transformer import build_model
+from widemoe.presets import get_preset
 
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 12, 8 << 20])  # many chunks (64 rows each) / one chunk

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from widemoe.config import PRESET_NAMES, get_preset
-from widemoe.model.transformer import IGNORE_INDEX, build_model
+from widemoe.model.causal_lm import IGNORE_INDEX, build_model
+from widemoe.presets import PRESET_NAMES, get_preset
 
 torch.set_num_threads(2)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from widemoe.config import get_preset
-from widemoe.model.experts import reference_moe
+from oracles import reference_moe
 from widemoe.model.moe import MoE, RoutingInfo
+from widemoe.presets import get_preset
 
 
 def _block(seed: int = 0, **overrides) -> MoE:

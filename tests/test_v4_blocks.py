@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from widemoe.config import ConfigError, get_preset
+from widemoe.config import ConfigError
 from widemoe.cost import PUBLISHED_V4, check_published, count_params, kv_bytes, v4_kv_growth_per_token
 from widemoe.model.deepseek_v4 import HyperConnection, V4Experts, _sinkhorn_lists, sinkhorn
 from widemoe.model.experts import RoutedExperts
+from widemoe.presets import get_preset
 
 SW, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 
@@ -93,7 +94,7 @@ def test_cost_reproduces_published_counts_and_kv() -> None:
 @pytest.mark.parametrize("impl", ["loop", "threads", "gmm", "autograd"])
 def test_routed_swiglu_clamp_on_every_path(impl: str) -> None:
     # D=32, I=16: aligned for _grouped_mm; weights large enough that about half the activations clamp.
-    from widemoe.model.experts import reference_moe
+    from oracles import reference_moe
 
     c = get_preset("v4-tiny").replace(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4,
                                       num_experts_per_tok=2, swiglu_limit=1.0)

@@ -37,11 +37,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from widemoe.config import ModelConfig
+from widemoe.model.dispatch import LocalDispatcher, TokenDispatcher
 from widemoe.model.experts import RoutedExperts
-from widemoe.model.layers import RMSNorm
-from widemoe.model.moe import MoE, RoutingInfo
-from widemoe.model.router import RouterOutput
-from widemoe.model.v4_attention import KeepFp32, V4Attention, V4Context, unweighted_rms, v4_inv_freq
+from widemoe.model.layers import KeepFp32, RMSNorm
+from widemoe.model.moe import MoE, MoEParts, RoutingInfo, shared_swiglu
+from widemoe.model.router import Router
+from widemoe.model.v4_attention import V4Attention, V4Context, unweighted_rms, v4_inv_freq
 from widemoe.model.v4_cache import V4Cache, V4LayerCache
 
 # ------------------------------------------------------------------------------------------------
@@ -217,69 +218,31 @@ def balanced_tid2eid(vocab_size: int, num_experts: int, k: int) -> torch.Tensor:
     return (t * k + torch.arange(k, dtype=torch.int64)[None, :]) % num_experts
 
 
-class V4Router(nn.Module):
-    """sqrt-softplus scores; selection by top-k of (scores + bias), or by ``tid2eid[token]`` in hash
-    layers; weights = the selected unbiased scores, renormalised, × routed_scaling_factor (all fp32)."""
+class V4Router(Router):
+    """`Router` (sqrt-softplus scores, fp32) with V4's rules: selection by top-k of (scores + bias), or by
+    ``tid2eid[token]`` in hash layers (no bias there); weights = the selected unbiased scores, always
+    renormalised, × routed_scaling_factor."""
 
     def __init__(self, config: ModelConfig, hash_layer: bool) -> None:
-        super().__init__()
-        E, K = config.n_routed_experts, config.num_experts_per_tok
-        self.num_experts, self.top_k, self.hash_layer = E, K, hash_layer
-        self.scoring_func = config.scoring_func
-        self.routed_scaling_factor = float(config.routed_scaling_factor)
-        self.weight = nn.Parameter(torch.zeros(E, config.hidden_size, dtype=torch.float32))
+        self.hash_layer = hash_layer
+        super().__init__(config, selection_bias=not hash_layer)
+        self.norm_topk_prob = True
         if hash_layer:
+            E, K = config.n_routed_experts, config.num_experts_per_tok
             self.register_buffer("tid2eid", balanced_tid2eid(config.vocab_size, E, K))
-            self.e_score_correction_bias = None
-        else:
-            self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature of nn.Module._apply
-        super()._apply(fn, recurse)  # router numerics are fp32 (docs/internals.md), also in a bf16 model
-        if self.weight.dtype != torch.float32:
-            self.weight.data = self.weight.data.float()
-        b = self.e_score_correction_bias
-        if b is not None and b.dtype != torch.float32:
-            self.e_score_correction_bias = b.float()
-        return self
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)  # transformers' V4 init; the model's init overwrites it
+        if self.e_score_correction_bias is not None:
+            self.e_score_correction_bias.zero_()
 
-    def forward(self, x_ND: torch.Tensor, token_ids_N: torch.Tensor | None = None) -> RouterOutput:
-        logits = F.linear(x_ND.float(), self.weight.float())
-        if self.scoring_func == "sqrtsoftplus":
-            scores = F.softplus(logits).sqrt()
-        elif self.scoring_func == "sigmoid":
-            scores = logits.sigmoid()
-        else:
-            scores = logits.softmax(dim=-1)
-        if self.hash_layer:
-            if token_ids_N is None:
-                raise ValueError("V4 hash-routed layer needs the token ids (token_ids_BT); the rule is "
-                                 "experts = tid2eid[token id] in the first num_hash_layers layers")
-            ids = self.tid2eid[token_ids_N.reshape(-1)].long()
-        else:
-            with torch.no_grad():
-                ids = torch.topk(scores.detach() + self.e_score_correction_bias, self.top_k, dim=-1,
-                                 sorted=False).indices
-        w = scores.gather(1, ids)
-        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20) * self.routed_scaling_factor
-        return RouterOutput(logits, scores, ids, w)
-
-
-class ClampedSwiGLU(nn.Module):
-    """Shared expert: ``down(silu(min(gate, L)) * clamp(up, -L, L))``; no clamp when L is None."""
-
-    def __init__(self, hidden: int, width: int, limit: float | None) -> None:
-        super().__init__()
-        self.limit = limit
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.gate_proj(x), self.up_proj(x)
-        if self.limit is not None:
-            g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
-        return self.down_proj(F.silu(g) * u)
+    def select(self, scores_NE: torch.Tensor, token_ids_N: torch.Tensor | None) -> torch.Tensor:
+        if not self.hash_layer:
+            return super().select(scores_NE, token_ids_N)
+        if token_ids_N is None:
+            raise ValueError("V4 hash-routed layer needs the token ids (token_ids_BT); the rule is "
+                             "experts = tid2eid[token id] in the first num_hash_layers layers")
+        return self.tid2eid[token_ids_N.reshape(-1)].long()
 
 
 class V4Experts(RoutedExperts):
@@ -298,11 +261,13 @@ class V4Experts(RoutedExperts):
             self.register_buffer("clamp_hi", torch.full((2 * I,), float(lim)), persistent=False)
 
     def forward(self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor,
-                capacity: int | None = None) -> tuple[torch.Tensor, int]:
+                capacity: int | None = None, dispatcher: TokenDispatcher | None = None,
+                ) -> tuple[torch.Tensor, int]:
         N, K = topk_ids_NK.shape
         grad = torch.is_grad_enabled() and (x_ND.requires_grad or self.gate_up_proj.requires_grad)
-        if grad or capacity is not None or not 0 < N * K <= self.FAST_MAX_PAIRS:
-            return super().forward(x_ND, topk_ids_NK, topk_weights_NK, capacity)
+        local = dispatcher is None or isinstance(dispatcher, LocalDispatcher)  # the path skips the dispatch
+        if grad or capacity is not None or not local or not 0 < N * K <= self.FAST_MAX_PAIRS:
+            return super().forward(x_ND, topk_ids_NK, topk_weights_NK, capacity, dispatcher)
         W1, W2, lim = self.gate_up_proj, self.down_proj, self.swiglu_limit
         I = W2.shape[-1]
         x = x_ND.to(W1.dtype)
@@ -317,16 +282,11 @@ class V4Experts(RoutedExperts):
         return y_ND.to(x_ND.dtype), 0
 
 
-class V4MoE(MoE):
-    """The widemoe MoE block (dispatch, statistics, aux losses) with the V4 router and shared expert."""
-
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
-        super().__init__(config, layer_idx)
-        self.gate = V4Router(config, hash_layer=layer_idx < config.num_hash_layers)
-        self.experts = V4Experts(config)
-        width = config.n_shared_experts * config.moe_intermediate_size
-        self.shared_experts = (ClampedSwiGLU(config.hidden_size, width, config.swiglu_limit)
-                               if width > 0 else None)
+def v4_moe_parts(config: ModelConfig, layer_idx: int) -> MoEParts:
+    """The widemoe MoE block (dispatch, statistics, aux losses) with V4's router (hash routing in the first
+    ``num_hash_layers`` layers), decode-path experts and clamped shared expert."""
+    return MoEParts(V4Router(config, hash_layer=layer_idx < config.num_hash_layers), V4Experts(config),
+                    shared_swiglu(config), LocalDispatcher(config.n_routed_experts))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,7 +302,7 @@ class V4DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = V4Attention(config, layer_idx)
-        self.mlp = V4MoE(config, layer_idx)
+        self.mlp = MoE(config, layer_idx, v4_moe_parts(config, layer_idx))
 
     def forward(self, X_BTnD: torch.Tensor, ctx: V4Context, cache: V4LayerCache | None = None,
                 token_ids_BT: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingInfo]:
@@ -380,7 +340,9 @@ class V4MTP(nn.Module):
         return self.block(X, ctx, None, token_ids_BT)
 
 
-class V4Model(nn.Module):
+class V4Model(KeepFp32, nn.Module):
+    FP32_BUFFERS = ("main_inv_freq", "compress_inv_freq")  # rope tables stay fp32 through model.to(bf16)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -392,13 +354,8 @@ class V4Model(nn.Module):
         self.register_buffer("main_inv_freq", v4_inv_freq(config, "main"), persistent=False)
         self.register_buffer("compress_inv_freq", v4_inv_freq(config, "compress"), persistent=False)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature of nn.Module._apply
-        super()._apply(fn, recurse)
-        for kind in ("main", "compress"):  # rope tables stay fp32 through model.to(bf16)
-            buf = getattr(self, f"{kind}_inv_freq")
-            if buf.dtype != torch.float32:
-                setattr(self, f"{kind}_inv_freq", v4_inv_freq(self.config, kind).to(buf.device))
-        return self
+    def fp32_buffer(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        return v4_inv_freq(self.config, name.removesuffix("_inv_freq")).to(buf.device)  # recomputed, not cast
 
     @torch.no_grad()
     def reset_extra_parameters(self) -> None:
@@ -457,5 +414,5 @@ class V4Model(nn.Module):
         return X, routing, (ctx, None), None
 
 
-__all__ = ["ClampedSwiGLU", "HyperConnection", "HyperHead", "V4DecoderLayer", "V4MTP", "V4Model", "V4MoE",
-           "V4Router", "balanced_tid2eid", "hc_expand"]
+__all__ = ["HyperConnection", "HyperHead", "V4DecoderLayer", "V4Experts", "V4MTP", "V4Model", "V4Router",
+           "balanced_tid2eid", "hc_expand", "v4_moe_parts"]

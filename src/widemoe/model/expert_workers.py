@@ -1,4 +1,4 @@
-"""CPU expert-parallel execution for the segment dispatch of `widemoe.model.experts`: a pool of
+"""CPU expert-parallel execution for the chunked expert compute of `widemoe.model.experts`: a pool of
 single-threaded worker threads, the cut of the expert-sorted rows into chunks, and running the chunks on
 the workers with one fp32 accumulator each. Measurements behind the design are in the experts module's
 docstring and in the comments below."""
@@ -9,12 +9,8 @@ import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from widemoe.model.experts import DispatchPlan
 
 # Expert-parallel segment execution (CPU). Many small per-expert GEMMs each open an OpenMP parallel
 # region; on a busy 2-core machine every region waits for a descheduled partner thread, and 2-thread
@@ -89,18 +85,17 @@ def parallel(fn: Callable[[int], None], n: int) -> None:
 
 
 def run_on_workers(run_chunk: Callable[[int, torch.Tensor | None], None], n_chunks: int, workers: int,
-                    acc_like: torch.Tensor | None) -> list[torch.Tensor | None]:
+                   new_acc: Callable[[], torch.Tensor] | None) -> list[torch.Tensor]:
     """Chunk c runs on worker c mod W (W = min(workers, n_chunks)), as run_chunk(c, acc) with that worker's
-    fp32 accumulator shaped like `acc_like` (None: no accumulator). The accumulators are allocated here,
-    on the calling thread (glibc's main arena, see `plan_chunks`), and zeroed by their worker: an OpenMP
-    region on the caller right before the workers start leaves its partner thread spinning on one of
-    their cores."""
+    fp32 accumulator from `new_acc` (None: no accumulator, and an empty list back). The accumulators are
+    allocated here, on the calling thread (glibc's main arena, see `plan_chunks`), and zeroed by their
+    worker: an OpenMP region on the caller right before the workers start leaves its partner thread
+    spinning on one of their cores."""
     W = max(1, min(workers, n_chunks))
-    accs = [None if acc_like is None else
-            torch.empty(acc_like.shape, dtype=torch.float32, device=acc_like.device) for _ in range(W)]
+    accs = [] if new_acc is None else [new_acc() for _ in range(W)]
 
     def run(w: int) -> None:
-        acc = accs[w]
+        acc = accs[w] if accs else None
         if acc is not None:
             acc.zero_()
         for c in range(w, n_chunks, W):
@@ -116,14 +111,14 @@ def run_on_workers(run_chunk: Callable[[int, torch.Tensor | None], None], n_chun
 CHUNK_BYTES = 48 << 20
 
 
-def plan_chunks(plan: DispatchPlan, workers: int, width: int,
-                 element_size: int) -> list[list[tuple[int, int, int]]]:
-    """`segment_chunks` into a multiple of `workers` chunks, each chunk's [rows, width] buffers under
-    `CHUNK_BYTES` (width: the widest per-row buffer, max(D, 2I))."""
-    counts = plan.counts_E.tolist()
+def plan_chunks(counts: list[int], workers: int, width: int, element_size: int,
+                quantum: int = 1) -> list[list[tuple[int, int, int]]]:
+    """`segment_chunks` of the rows per expert into a multiple of `workers` chunks, each chunk's
+    [rows, width] buffers under `CHUNK_BYTES` (width: the widest per-row buffer, max(D, 2I)); split
+    experts keep the segments' row `quantum`."""
     rows_max = max(1, CHUNK_BYTES // (width * element_size))
     pieces = workers * max(1, math.ceil(sum(counts) / (rows_max * workers)))
-    return segment_chunks(counts, pieces, quantum=plan.quantum)
+    return segment_chunks(counts, pieces, quantum=quantum)
 
 
 __all__ = ["CHUNK_BYTES", "expert_pool", "parallel", "plan_chunks", "run_on_workers", "segment_chunks"]

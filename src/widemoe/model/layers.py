@@ -1,9 +1,11 @@
-"""Building blocks shared by every family: RMSNorm, SwiGLU, rotary positions (RoPE with YaRN).
+"""Building blocks shared by every family: RMSNorm, SwiGLU, rotary positions (RoPE with YaRN), and the
+`KeepFp32` mixin (the one mechanism that keeps router, mHC, sink and rope tensors fp32 in a bf16 model).
 
 References:
 - RMSNorm: Zhang & Sennrich 2019; numerics as transformers 5.24 (`DeepseekV3RMSNorm`): normalise in
   fp32, cast back to the input dtype, then multiply by the weight.
-- SwiGLU: Shazeer 2020, "GLU Variants Improve Transformer": ``down(silu(gate(x)) * up(x))``.
+- SwiGLU: Shazeer 2020, "GLU Variants Improve Transformer": ``down(silu(gate(x)) * up(x))``; optional
+  DeepSeek-V4 clamp (transformers 5.24 `DeepseekV4MLP`).
 - RoPE: Su et al. 2021. Two channel layouts:
   * interleaved pairs (x0,x1),(x2,x3)... (DeepSeek checkpoints). The output layout is exactly that of
     transformers' ``apply_rotary_pos_emb_interleave``: ``[even-rotated ; odd-rotated]``, i.e. the
@@ -59,16 +61,53 @@ class RMSNorm(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Dense SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases."""
+    """Dense SwiGLU feed-forward: ``down_proj(silu(gate_proj(x)) * up_proj(x))``, no biases. With a
+    ``limit`` (DeepSeek-V4's shared expert): ``down(silu(min(gate, L)) * clamp(up, -L, L))``."""
 
-    def __init__(self, hidden: int, width: int) -> None:
+    def __init__(self, hidden: int, width: int, limit: float | None = None) -> None:
         super().__init__()
+        self.limit = limit
         self.gate_proj = nn.Linear(hidden, width, bias=False)
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if self.limit is not None:
+            g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
+        return self.down_proj(F.silu(g) * u)
+
+
+class KeepFp32:
+    """Mixin: tensors that stay fp32 through ``model.to(bf16)`` / ``.half()`` (which reach every tensor
+    through `nn.Module._apply`; the dtype part is undone here, a device move is kept).
+
+    ``FP32_PARAMS``: parameters (and their grads) cast back: router gates, mHC weights, attention sinks
+    (transformers keeps these in fp32 too: `_keep_in_fp32_modules_strict`). ``FP32_BUFFERS``: buffers
+    restored by `fp32_buffer`, which casts back (exact for counts; the selection bias as before) or, for
+    tables a bf16 cast would have rounded (rope inverse frequencies), recomputes.
+    """
+
+    FP32_PARAMS: tuple[str, ...] = ()
+    FP32_BUFFERS: tuple[str, ...] = ()
+
+    def fp32_buffer(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        """The fp32 value of buffer `name` after a cast left it as `buf`."""
+        return buf.float()
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - signature of nn.Module._apply
+        super()._apply(fn, recurse)  # type: ignore[misc]
+        for name in self.FP32_PARAMS:
+            p = getattr(self, name)
+            if p.dtype != torch.float32:
+                p.data = p.data.float()
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+        for name in self.FP32_BUFFERS:
+            b = getattr(self, name)
+            if b is not None and b.dtype != torch.float32:
+                setattr(self, name, self.fp32_buffer(name, b))
+        return self
 
 
 # ------------------------------------------------------------------------------------------------
@@ -169,13 +208,14 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> to
     return inv_freq_interpolation * (1 - extrapolation) + inv_freq_extrapolation * extrapolation
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(KeepFp32, nn.Module):
     """Angles of RoPE: ``forward(position_ids_BT) -> (cos, sin)``, each ``[B, T, rope_dim/2]`` fp32.
 
-    inv_freq is a non-persistent fp32 buffer; if a dtype cast (``model.to(bf16)``) lowered it, it is
-    recomputed in fp32 rather than used at reduced precision.
+    inv_freq is a non-persistent fp32 buffer; a dtype cast (``model.to(bf16)``) would round it, so it is
+    recomputed in fp32 instead (`KeepFp32`).
     """
 
+    FP32_BUFFERS = ("inv_freq",)
     inv_freq: torch.Tensor
 
     def __init__(self, config: ModelConfig) -> None:
@@ -183,9 +223,10 @@ class RotaryEmbedding(nn.Module):
         self.config = config
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
+    def fp32_buffer(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        return rope_inv_freq(self.config, device=buf.device)
+
     def forward(self, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.inv_freq.dtype != torch.float32:
-            self.inv_freq = rope_inv_freq(self.config, device=self.inv_freq.device)
         freqs_BTF = position_ids_BT[..., None].to(torch.float32) * self.inv_freq.to(position_ids_BT.device)
         return freqs_BTF.cos(), freqs_BTF.sin()
 
@@ -213,6 +254,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 __all__ = [
-    "RMSNorm", "SwiGLU", "RotaryEmbedding", "apply_rope", "softmax_scale", "mscale", "rope_inv_freq",
-    "rope_attention_factor", "rope_score_factor",
+    "KeepFp32", "RMSNorm", "SwiGLU", "RotaryEmbedding", "apply_rope", "softmax_scale", "mscale",
+    "rope_inv_freq", "rope_attention_factor", "rope_score_factor",
 ]

@@ -17,14 +17,16 @@ Shapes: B batch, T tokens, D hidden, E routed experts, K experts per token, N = 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from widemoe.config import ModelConfig
 from widemoe.model.balance import expert_counts, router_z_loss, seq_aux_loss, switch_aux_loss
-from widemoe.model.experts import RoutedExperts, capacity_for
-from widemoe.model.layers import SwiGLU
+from widemoe.model.dispatch import LocalDispatcher, TokenDispatcher, capacity_for
+from widemoe.model.experts import RoutedExperts
+from widemoe.model.layers import KeepFp32, SwiGLU
 from widemoe.model.router import Router
 
 
@@ -38,25 +40,47 @@ class RoutingInfo:
     dropped_fraction: float = 0.0  # share of the N·K pairs dropped by the capacity limit
 
 
-class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+class MoEParts(NamedTuple):
+    """What a MoE block is made of (`standard_parts` for the standard families; DeepSeek-V4 has its own)."""
+
+    gate: nn.Module  # x_ND, token_ids_N -> RouterOutput
+    experts: RoutedExperts  # stacked weights; runs dispatch -> grouped compute -> combine
+    shared_experts: nn.Module | None  # dense SwiGLU over every token, or None
+    dispatcher: TokenDispatcher  # moves rows between token order and expert order
+
+
+def shared_swiglu(config: ModelConfig) -> SwiGLU | None:
+    """The shared experts: one SwiGLU of width n_shared_experts · moe_intermediate_size (with V4's clamp
+    when the config has one), or None."""
+    width = config.n_shared_experts * config.moe_intermediate_size
+    return SwiGLU(config.hidden_size, width, config.swiglu_limit) if width > 0 else None
+
+
+def standard_parts(config: ModelConfig) -> MoEParts:
+    """`Router`, `RoutedExperts`, the shared SwiGLU and the local dispatcher."""
+    return MoEParts(Router(config), RoutedExperts(config), shared_swiglu(config),
+                    LocalDispatcher(config.n_routed_experts))
+
+
+class MoE(KeepFp32, nn.Module):
+    """Route -> dispatch -> grouped expert compute -> combine, plus the shared experts. The block receives
+    its parts (`MoEParts`; default: `standard_parts(config)`)."""
+
+    FP32_BUFFERS = ("tokens_per_expert",)  # counts stay exact through .to(bf16)
+
+    def __init__(self, config: ModelConfig, layer_idx: int, parts: MoEParts | None = None) -> None:
         super().__init__()
+        parts = parts if parts is not None else standard_parts(config)
         self.config = config
         self.layer_idx = layer_idx
         self.num_experts = config.n_routed_experts
         self.top_k = config.num_experts_per_tok
-        self.gate = Router(config)
-        self.experts = RoutedExperts(config)
-        width = config.n_shared_experts * config.moe_intermediate_size
-        self.shared_experts = SwiGLU(config.hidden_size, width) if width > 0 else None
+        self.gate = parts.gate
+        self.experts = parts.experts
+        self.shared_experts = parts.shared_experts
+        self.dispatcher = parts.dispatcher
         self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.float32),
                              persistent=False)
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature of nn.Module._apply
-        super()._apply(fn, recurse)
-        if self.tokens_per_expert.dtype != torch.float32:  # counts stay exact through .to(bf16)
-            self.tokens_per_expert = self.tokens_per_expert.float()
-        return self
 
     def forward(
         self, x_BTD: torch.Tensor, token_ids_BT: torch.Tensor | None = None
@@ -64,12 +88,13 @@ class MoE(nn.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         token_ids_N = None if token_ids_BT is None else token_ids_BT.reshape(-1)
-        r = self.gate(x_ND, token_ids_N)
+        r = self.gate(x_ND, token_ids_N)  # 1. route (fp32 scores, top-k)
 
         capacity = None
         if self.training and self.config.capacity_factor is not None:
             capacity = capacity_for(self.config.capacity_factor, B * T, self.top_k, self.num_experts)
-        y_ND, dropped = self.experts(x_ND, r.topk_ids, r.topk_weights, capacity)
+        # 2-4. dispatch -> grouped expert compute -> combine (fp32), see RoutedExperts.forward
+        y_ND, dropped = self.experts(x_ND, r.topk_ids, r.topk_weights, capacity, self.dispatcher)
         if self.shared_experts is not None:
             y_ND = y_ND + self.shared_experts(x_ND)
 
@@ -100,4 +125,4 @@ class MoE(nn.Module):
         return aux
 
 
-__all__ = ["MoE", "RoutingInfo"]
+__all__ = ["MoE", "MoEParts", "RoutingInfo", "shared_swiglu", "standard_parts"]

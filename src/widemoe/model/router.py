@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from widemoe.config import ModelConfig
+from widemoe.model.layers import KeepFp32
 
 
 class RouterOutput(NamedTuple):
@@ -66,10 +67,17 @@ def select_experts(
     return sel_NE.topk(k, dim=-1, sorted=False).indices
 
 
-class Router(nn.Module):
-    """Linear gate without bias + scoring + (group-limited) top-k + renormalisation + scaling."""
+class Router(KeepFp32, nn.Module):
+    """Linear gate without bias + scoring + (group-limited) top-k + renormalisation + scaling.
 
-    def __init__(self, config: ModelConfig) -> None:
+    `select` picks the experts (override it for another rule, e.g. DeepSeek-V4's hash layers); scores,
+    weights and the fp32 contract are shared by every family."""
+
+    # `model.to(torch.bfloat16)` / `.half()`: the gate and the bias stay fp32 as the contract requires
+    FP32_PARAMS = ("weight",)
+    FP32_BUFFERS = ("e_score_correction_bias",)
+
+    def __init__(self, config: ModelConfig, selection_bias: bool | None = None) -> None:
         super().__init__()
         self.num_experts = config.n_routed_experts
         self.top_k = config.num_experts_per_tok
@@ -82,7 +90,7 @@ class Router(nn.Module):
         self.routed_scaling_factor = float(config.routed_scaling_factor)
         self.initializer_range = config.initializer_range
         self.weight = nn.Parameter(torch.empty(self.num_experts, self.hidden_size, dtype=torch.float32))
-        if config.uses_selection_bias:
+        if config.uses_selection_bias if selection_bias is None else selection_bias:
             # Persistent: it is the checkpoint's `mlp.gate.e_score_correction_bias`.
             bias = torch.zeros(self.num_experts, dtype=torch.float32)
             self.register_buffer("e_score_correction_bias", bias)
@@ -95,29 +103,19 @@ class Router(nn.Module):
         if self.e_score_correction_bias is not None:
             self.e_score_correction_bias.zero_()
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature of nn.Module._apply
-        # `model.to(torch.bfloat16)` / `.half()` reach every tensor through _apply; undo the dtype part
-        # (keep any device move) so the gate and the bias stay fp32 as the contract requires.
-        super()._apply(fn, recurse)
-        if self.weight.dtype != torch.float32:
-            self.weight.data = self.weight.data.float()
-            if self.weight.grad is not None:
-                self.weight.grad = self.weight.grad.float()
-        b = self.e_score_correction_bias
-        if b is not None and b.dtype != torch.float32:
-            self.e_score_correction_bias = b.float()
-        return self
+    def select(self, scores_NE: torch.Tensor, token_ids_N: torch.Tensor | None) -> torch.Tensor:
+        """Expert ids [N, K] from detached scores: top-k of scores + bias (the bias picks, never weighs)."""
+        del token_ids_N  # used by DeepSeek-V4 hash routing (fixed expert ids per token id)
+        sel_NE = scores_NE
+        if self.e_score_correction_bias is not None:
+            sel_NE = sel_NE + self.e_score_correction_bias
+        return select_experts(sel_NE, self.top_k, self.topk_method, self.n_group, self.topk_group)
 
     def forward(self, x_ND: torch.Tensor, token_ids_N: torch.Tensor | None = None) -> RouterOutput:
-        # token_ids_N is reserved for DeepSeek-V4 hash routing (fixed expert ids per token id).
-        del token_ids_N
         logits_NE = F.linear(x_ND.float(), self.weight.float())
         scores_NE = score(logits_NE, self.scoring_func)
         with torch.no_grad():
-            sel_NE = scores_NE.detach()
-            if self.e_score_correction_bias is not None:
-                sel_NE = sel_NE + self.e_score_correction_bias
-            ids_NK = select_experts(sel_NE, self.top_k, self.topk_method, self.n_group, self.topk_group)
+            ids_NK = self.select(scores_NE.detach(), token_ids_N)
         w_NK = scores_NE.gather(1, ids_NK)  # unbiased scores: the bias never reaches the weights
         if self.norm_topk_prob:
             w_NK = w_NK / (w_NK.sum(dim=-1, keepdim=True) + 1e-20)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from widemoe.config import V4_LAYER_TYPES, ModelConfig
-from widemoe.model.layers import RMSNorm, rope_inv_freq
+from widemoe.model.layers import KeepFp32, RMSNorm, rope_inv_freq
 from widemoe.model.v4_cache import CompressorState, V4LayerCache
 
 SLIDING, CSA, HCA = V4_LAYER_TYPES
@@ -108,23 +108,6 @@ def rope_matrix(cos: torch.Tensor, sin: torch.Tensor, width: int) -> torch.Tenso
     base, pattern = _ROPE_PATTERNS[key]
     coef = torch.cat([cos, sin], dim=-1).reshape(B * T, 2 * half).float()
     return (coef @ pattern).view(B, T, width, width) + base
-
-
-class KeepFp32:
-    """Mixin: the parameters named in `FP32_PARAMS` stay fp32 through ``model.to(bf16)`` (transformers
-    keeps the mHC, sinks and position biases in fp32 too: `_keep_in_fp32_modules_strict`)."""
-
-    FP32_PARAMS: tuple[str, ...] = ()
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - signature of nn.Module._apply
-        super()._apply(fn, recurse)  # type: ignore[misc]
-        for name in self.FP32_PARAMS:
-            p = getattr(self, name)
-            if p.dtype != torch.float32:
-                p.data = p.data.float()
-                if p.grad is not None:
-                    p.grad = p.grad.float()
-        return self
 
 
 def v4_inv_freq(config: ModelConfig, kind: str) -> torch.Tensor:
@@ -244,7 +227,10 @@ class Indexer(Compressor):
         return (s_BTHN * w_BTH.unsqueeze(-1)).sum(dim=2)
 
 
-class V4Attention(nn.Module):
+class V4Attention(KeepFp32, nn.Module):
+    FP32_PARAMS = ("sinks",)  # the sinks and the rope table stay fp32 through model.to(bf16)
+    FP32_BUFFERS = ("compress_inv_freq",)
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.config = config
@@ -275,13 +261,8 @@ class V4Attention(nn.Module):
         self.last_index_loss: torch.Tensor | None = None  # indexer objective of the last training forward
         self.last_index_recall: float | None = None  # and the indexer's top-k recall (see `_recall`)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - signature of nn.Module._apply
-        super()._apply(fn, recurse)  # the rope table and the sinks stay fp32 through model.to(bf16)
-        if self.sinks.dtype != torch.float32:
-            self.sinks.data = self.sinks.data.float()
-        if self.compress_inv_freq.dtype != torch.float32:
-            self.compress_inv_freq = v4_inv_freq(self.config, "compress").to(self.compress_inv_freq.device)
-        return self
+    def fp32_buffer(self, name: str, buf: torch.Tensor) -> torch.Tensor:
+        return v4_inv_freq(self.config, "compress").to(buf.device)  # recomputed, not cast
 
     # --- masks -------------------------------------------------------------------------------------
     def _window_bias(self, ctx: V4Context, T: int, S: int, device: torch.device) -> torch.Tensor | None:
@@ -426,5 +407,5 @@ def _neg_inf_where(mask: torch.Tensor) -> torch.Tensor:
     return torch.zeros(mask.shape, device=mask.device).masked_fill(mask, float("-inf"))
 
 
-__all__ = ["Compressor", "Indexer", "KeepFp32", "V4Attention", "V4Context", "rope_tail", "unweighted_rms",
+__all__ = ["Compressor", "Indexer", "V4Attention", "V4Context", "rope_tail", "unweighted_rms",
            "v4_inv_freq"]
