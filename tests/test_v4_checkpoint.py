@@ -172,3 +172,26 @@ def test_mtp_block_round_trips_in_native_layout(tmp_path) -> None:
     assert back.config.num_nextn_predict_layers == 1
     for k, v in wm.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_streaming_convert_writes_what_load_and_save_would(pair, tmp_path) -> None:  # noqa: ANN001
+    _, wm = pair
+    src = tmp_path / "native"
+    save_pretrained(wm, src, layout="native")
+    from safetensors.torch import load_file
+
+    sd = load_file(src / "model.safetensors")
+    for k in [k for k in sd if ".experts." in k]:  # FP4 routed experts
+        sd[k], sd[k[:-len(".weight")] + ".scale"] = quantize_fp4(sd[k])
+    save_file(sd, src / "model.safetensors")
+    cfg = model_config_to_hf(wm.config, dtype="float32", layout="native")
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    (src / "config.json").write_text(json.dumps(cfg))
+    from widemoe.hf import convert_checkpoint
+
+    info = convert_checkpoint(src, tmp_path / "out", "fp32")
+    assert info.family == "deepseek_v4" and info.dequantized == info.scales > 0
+    save_pretrained(load_pretrained(src, dtype="fp32"), tmp_path / "ref")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    ref = load_file(tmp_path / "ref" / "model.safetensors")
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)

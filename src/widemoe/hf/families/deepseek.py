@@ -18,6 +18,7 @@ FP8 block-quantised releases (V3/R1/V3.1, Kimi K2) are dequantised by the generi
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from widemoe.config import ModelConfig
@@ -122,7 +123,7 @@ class _DeepSeekFamily(FamilyAdapter):
             d["widemoe"]["source_model_type"] = "kimi_k2"
         return d
 
-    def _routing_to_hf(self, cfg: ModelConfig, need: Any) -> dict[str, Any]:
+    def _routing_to_hf(self, cfg: ModelConfig, need: Callable[[bool, str], None]) -> dict[str, Any]:
         raise NotImplementedError
 
     def attention_summary(self, cfg: ModelConfig) -> str:
@@ -216,7 +217,7 @@ class DeepSeekV3(_DeepSeekFamily):
             return ("source_model_type",)
         return ()
 
-    def _routing_to_hf(self, cfg: ModelConfig, need: Any) -> dict[str, Any]:
+    def _routing_to_hf(self, cfg: ModelConfig, need: Callable[[bool, str], None]) -> dict[str, Any]:
         need(
             cfg.scoring_func == "sigmoid",
             f"scoring_func={cfg.scoring_func!r} (transformers' DeepSeek-V3 is sigmoid)",
@@ -269,7 +270,7 @@ class DeepSeekV2(_DeepSeekFamily):
         r.seen("norm_topk_prob", "num_nextn_predict_layers")
         c.update(scoring_func="softmax", topk_method=tm, norm_topk_prob=False, rope_interleave=True)
 
-    def _routing_to_hf(self, cfg: ModelConfig, need: Any) -> dict[str, Any]:
+    def _routing_to_hf(self, cfg: ModelConfig, need: Callable[[bool, str], None]) -> dict[str, Any]:
         need(cfg.scoring_func == "softmax", f"scoring_func={cfg.scoring_func!r} (DeepSeek-V2 is softmax)")
         need(cfg.topk_method in ("greedy", "group_limited_greedy"), f"topk_method={cfg.topk_method!r}")
         need(
