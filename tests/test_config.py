@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from widemoe.config import ConfigError, ModelConfig
+from widemoe.config import FAMILY_RULES, ConfigError, ModelConfig
 from widemoe.presets import PRESET_NAMES, config_from_file, get_preset
 
 
@@ -99,6 +99,22 @@ def test_config_files_json_and_toml(tmp_path):
     unknown.write_text(json.dumps({"hidden_size": 64, "n_expert": 3}))
     with pytest.raises(ConfigError, match=r"u.json: unknown config field\(s\) \['n_expert'\]"):
         config_from_file(unknown)
+
+
+def test_preset_key_needs_the_preset_table(tmp_path):
+    j = tmp_path / "m.json"
+    j.write_text(json.dumps({"preset": "micro"}))
+    with pytest.raises(ConfigError, match="m.json: 'preset' = 'micro' needs the preset table"):
+        ModelConfig.from_file(j)  # config.py sits below presets.py; presets.config_from_file passes it
+    assert ModelConfig.from_file(j, presets=get_preset) == get_preset("micro")
+
+
+def test_family_rules_are_picked_by_model_type():
+    assert FAMILY_RULES.keys() == {"deepseek_v4"}
+    with pytest.raises(ConfigError, match="num_hash_layers=1 is only read by model_type='deepseek_v4'"):
+        get_preset("micro", num_hash_layers=1)
+    with pytest.raises(ConfigError, match="n_shared_experts=2 must be 0 or 1 for deepseek_v4"):
+        get_preset("v4-tiny", n_shared_experts=2)
 
 
 def test_round_trip_through_dict():

@@ -17,18 +17,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from widemoe.commands import cost as cost_cmd
 from widemoe.cost import (
+    FAMILIES,
     PUBLISHED,
     CostError,
     check_published,
     count_params,
     flops_per_token,
+    formulas_for,
     get_gpu,
     gpu_hours,
     implied_mfu,
     kv_bytes,
+    kv_bytes_per_token,
     parse_amount,
     parse_context,
     serving_gpus,
+    standard,
     training_bytes_per_gpu,
     v3_implied_mfu,
     weight_bytes,
@@ -239,6 +243,24 @@ def test_kv_reference_sizes() -> None:
     assert kv_bytes(get_preset("deepseek-v3"), 1) == 70_272  # 61 x 576 x 2 B
     assert kv_bytes(get_preset("deepseek-v2-lite"), 1) == 31_104
     assert kv_bytes(get_preset("mixtral-8x7b"), 1) == 32 * 2 * 8 * 128 * 2
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_kv_per_token_at_context_is_one_tokens_bytes_for_linear_caches(name: str) -> None:
+    c = get_preset(name)
+    per_token = [kv_bytes_per_token(c, ctx, batch) for ctx in (1, 4096, 131072) for batch in (1, 3)]
+    if formulas_for(c) is standard.FORMULAS:  # linear caches: the average is exactly one token's bytes
+        assert per_token == [kv_bytes(c, 1)] * len(per_token)
+    else:  # V4: a window plus compressed entries, so the average falls as the context grows
+        assert per_token[0] > per_token[2] > per_token[4]
+    assert kv_bytes_per_token(c, 0) == kv_bytes(c, 1)
+
+
+def test_family_table_picks_the_formulas() -> None:
+    assert formulas_for(get_preset("deepseek-v4-flash")) is FAMILIES["deepseek_v4"]
+    assert FAMILIES["deepseek_v4"].kv_contrast_preset == "deepseek-v3"
+    for name in ("deepseek-v3", "kimi-k2", "qwen3-30b-a3b", "mixtral-8x7b", "olmoe-1b-7b"):
+        assert formulas_for(get_preset(name)) is standard.FORMULAS, name
 
 
 # --- memory, training cost, serving --------------------------------------------------------------------
