@@ -10,11 +10,10 @@ import pytest
 import tokenizers
 import torch
 
-from widemoe.config import ConfigError, get_preset
+from widemoe.config import ConfigError
 from widemoe.cost import count_params, kv_bytes
 from widemoe.data.tokenizer import TokenizerError
-from widemoe.hf import save_pretrained
-from widemoe.hf.config_map import model_config_to_hf
+from widemoe.hf import model_config_to_hf, save_pretrained
 from widemoe.hf.resolve import (
     MARKER,
     ResolvedModel,
@@ -25,7 +24,8 @@ from widemoe.hf.resolve import (
     load_tokenizer,
     resolve_model,
 )
-from widemoe.model.transformer import build_model
+from widemoe.model.causal_lm import build_model
+from widemoe.presets import get_preset
 
 torch.set_num_threads(2)
 

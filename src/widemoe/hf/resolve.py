@@ -33,8 +33,8 @@ import torch
 from widemoe.config import ConfigError, ModelConfig
 from widemoe.data.tokenizer import TOKENIZER_FILE, ModelTokenizer
 from widemoe.hf import hf_to_model_config, load_pretrained
-from widemoe.model.transformer import build_model
-from widemoe.presets import PRESET_NAMES, get_preset
+from widemoe.model.causal_lm import build_model
+from widemoe.presets import PRESET_NAMES, config_from_file, get_preset
 
 MARKER = "COMMITTED"  # written last into a checkpoint directory; one without it is ignored
 STEP_DIR_RE = re.compile(r"^step-(\d{8})$")
@@ -121,7 +121,7 @@ def _resolve_directory(spec: str, path: Path) -> ResolvedModel:
 def read_config_file(p: Path) -> ModelConfig:
     """A widemoe config (.toml, or .json with a `preset` or widemoe fields) or an HF config.json."""
     if p.suffix == ".toml":
-        return ModelConfig.from_file(p)
+        return config_from_file(p)
     try:
         d = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -129,7 +129,7 @@ def read_config_file(p: Path) -> ModelConfig:
     if not isinstance(d, dict):
         raise ConfigError(f"{p}: expected a JSON object of config fields at the top level")
     if "preset" in d:
-        return ModelConfig.from_file(p)
+        return config_from_file(p)
     if "architectures" in d or set(d) - _WIDEMOE_FIELDS:
         return hf_to_model_config(d, source=str(p))[0]
     # a widemoe file without a preset: its sizes must be stated, defaults would cost a toy model
@@ -137,7 +137,7 @@ def read_config_file(p: Path) -> ModelConfig:
     missing = [k for k in sizes if k not in d]
     if missing:
         raise ConfigError(f"{p}: missing required key(s) {missing} (or a 'preset' to start from)")
-    return ModelConfig.from_file(p)
+    return config_from_file(p)
 
 
 # --- loading ---------------------------------------------------------------------------------------
