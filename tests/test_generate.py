@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from widemoe.config import get_preset
 from widemoe.generate import GenerationConfig, filter_logits, generate
-from widemoe.model.transformer import build_model
+from widemoe.model.causal_lm import build_model
+from widemoe.presets import get_preset
 
 torch.set_num_threads(2)
 
