@@ -122,15 +122,8 @@ class Checkpointer(Protocol):
     as objects so that an implementation can save them sharded (each rank its own part)."""
 
     def save(
-        self,
-        run_dir: Path,
-        step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        state: dict[str, Any],
-        *,
-        tokenizer: Any = None,
-        keep_last: int = 2,
+        self, run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+        state: dict[str, Any], *, tokenizer: Any = None, keep_last: int = 2,
     ) -> Path:
         """Write the checkpoint of `step` (complete, or not visible at all) and prune old ones; its path."""
         ...
@@ -149,15 +142,8 @@ class HFCheckpointer:
     written by one process (layout and crash safety: this module's docstring)."""
 
     def save(
-        self,
-        run_dir: Path,
-        step: int,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        state: dict[str, Any],
-        *,
-        tokenizer: Any = None,
-        keep_last: int = 2,
+        self, run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+        state: dict[str, Any], *, tokenizer: Any = None, keep_last: int = 2,
     ) -> Path:
         def write_model(d: Path) -> None:
             save_pretrained(model, d)
