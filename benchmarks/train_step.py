@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from widemoe.config import get_preset
 from widemoe.hf import save_pretrained
-from widemoe.model.transformer import build_model
+from widemoe.model.causal_lm import build_model
+from widemoe.presets import get_preset
 from widemoe.runtime import configure_cpu_runtime
 from widemoe.train.metrics import measure_matmul_peak, train_flops_per_token
 

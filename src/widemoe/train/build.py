@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from widemoe import data as wdata
 from widemoe.config import ModelConfig
 from widemoe.hf.resolve import resolve_model
-from widemoe.model.transformer import WideMoeForCausalLM, build_model
+from widemoe.model.causal_lm import WideMoeForCausalLM, build_model
 from widemoe.train.config import DEFAULT_SEQ_AUX, DEFAULT_SWITCH_AUX, TrainConfig
 
 # parallelize(model, mesh) -> model; `mesh` is a torch DeviceMesh under torchrun, None on one device.

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from widemoe.model.balance import LoadTracker
-from widemoe.model.transformer import IGNORE_INDEX, WideMoeForCausalLM
+from widemoe.model.causal_lm import IGNORE_INDEX, WideMoeForCausalLM
 from widemoe.train.step import autocast_for
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids_BT, labels_BT, domain_ids_BT

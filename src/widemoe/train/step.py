@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from widemoe.model.balance import dead_experts, max_vio
-from widemoe.model.transformer import IGNORE_INDEX, WideMoeForCausalLM
+from widemoe.model.causal_lm import IGNORE_INDEX, WideMoeForCausalLM
 from widemoe.train.bias_update import update_expert_bias
 from widemoe.train.config import TrainConfig
 
