@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from oracles import reference_moe
 from widemoe.config import ModelConfig
-from widemoe.model.dispatch import capacity_for, plan_dispatch, sorted_weights
+from widemoe.model.dispatch import LocalDispatcher, SortedRows, capacity_for, plan_dispatch, sorted_weights
 from widemoe.model.experts import RoutedExperts
 from widemoe.runtime import configure_allocator, configure_cpu_runtime
 
@@ -308,3 +308,36 @@ def test_many_small_chunks_match_reference(impl, monkeypatch):
     chunks = ex.plan_chunks(plan.counts_E.tolist(), 2, 16, 4)
     assert len(chunks) >= 6 and sum(1 for c in chunks if c[0][0] == 0) >= 3
     _compare(m, torch.randn(200, 16), ids, w, impl, rtol=1e-4, atol=1e-5)  # dW summed from 4+ parts
+
+
+# ---------------------------------------------------------------------------------------------------
+# The dispatch seam: the expert compute sees only (x_sorted, counts)
+
+
+class _MaterialisingDispatcher(LocalDispatcher):
+    """Hands the compute materialised sorted rows (``index=None``), as an all-to-all dispatcher would."""
+
+    def dispatch(self, x_ND, plan):  # noqa: ANN001, ANN201
+        rows, counts = super().dispatch(x_ND, plan)
+        return SortedRows(rows.full(), None), counts
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_materialised_sorted_rows_match_reference(impl, monkeypatch):
+    monkeypatch.setattr(RoutedExperts, "row_quantum", lambda self, x, pairs: 8)  # pads too
+    m = _experts(8, D=16, I=8, k=2, seed=11)
+    ids, w = _random_routing(30, 8, 2, seed=11)
+    x = torch.randn(30, 16)
+    d = _MaterialisingDispatcher(8)
+    m.impl = impl
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y, _ = m(x1, ids, w1, dispatcher=d)
+    y.backward(torch.ones_like(y))
+    got = [y.detach(), x1.grad, m.gate_up_proj.grad, m.down_proj.grad, w1.grad]
+    m.zero_grad(set_to_none=True)
+    x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = reference_moe(x2, m.gate_up_proj, m.down_proj, ids, w2)
+    y_ref.backward(torch.ones_like(y_ref))
+    want = [y_ref.detach(), x2.grad, m.gate_up_proj.grad, m.down_proj.grad, w2.grad]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

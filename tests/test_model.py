@@ -169,3 +169,13 @@ def test_tied_embeddings_share_storage():
     model = build_model(get_preset("micro", tie_word_embeddings=True), seed=0)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert "lm_head.weight" not in dict(model.named_parameters())
+
+
+def test_decoder_skeleton_imports_no_family_module():
+    """model/transformer.py is the generic body: DeepSeek-V4 plugs in through causal_lm.BODIES."""
+    import grimp
+
+    graph = grimp.build_graph("widemoe")
+    for family in ("widemoe.model.deepseek_v4", "widemoe.model.v4_attention", "widemoe.model.v4_cache"):
+        assert not graph.chain_exists("widemoe.model.transformer", family)
+    assert graph.chain_exists("widemoe.model.causal_lm", "widemoe.model.deepseek_v4")

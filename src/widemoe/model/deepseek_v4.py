@@ -8,10 +8,12 @@ attention lives in `widemoe.model.v4_attention`, the cache in `widemoe.model.v4_
 names are transformers' in-memory names (``model.layers.N.attn_hc.fn``, ``...self_attn.compressor...``,
 ``model.hc_head.hc_fn``), so transformers' state_dict loads as is.
 
-It plugs into the decoder skeleton of `widemoe.model.transformer`: `WideMoeForCausalLM` builds a
-`V4Model` instead of a `WideMoeModel` for ``model_type == "deepseek_v4"``; both return
-``(h, routing, rope_context, mask)`` and offer ``final_norm(h)``, ``new_cache()`` and MTP modules with the
-same call signature, so the LM head, losses, MTP loss and `generate` are shared.
+It is a body for the causal LM of `widemoe.model.causal_lm` (``BODIES["deepseek_v4"]``), in place of the
+generic `widemoe.model.transformer.WideMoeModel`; both return ``(h, routing, rope_context, mask)`` and
+offer ``final_norm(h)``, ``new_cache()`` and MTP modules with the same call signature, so the LM head,
+losses, MTP loss and `generate` are shared. The MoE block is the generic `widemoe.model.moe.MoE` given
+V4's parts (`v4_moe_parts`): `V4Router` (the shared `Router` with hash selection), `V4Experts` (a decode
+path) and the clamped shared `SwiGLU`.
 
 Hyper-connections (mHC; all in fp32): the residual is ``hc_mult`` streams ``[B, T, n, D]``. Per sublayer,
 from ``UnweightedRMSNorm(flatten(X)) @ fn.T``: pre = σ(·)+eps collapses the streams into the sublayer

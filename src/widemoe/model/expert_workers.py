@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-# Expert-parallel segment execution (CPU). Many small per-expert GEMMs each open an OpenMP parallel
+# Chunked expert execution (CPU). Many small per-expert GEMMs each open an OpenMP parallel
 # region; on a busy 2-core machine every region waits for a descheduled partner thread, and 2-thread
 # small GEMMs fell to 5-6 GFLOP/s while 1-thread ones ran at 20-30 (measured side by side). Splitting the
 # experts between single-threaded workers has no per-GEMM barrier and keeps each expert's working set in

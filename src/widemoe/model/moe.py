@@ -2,12 +2,20 @@
 
 Follows DeepSeek-V3 (arXiv:2412.19437 §2.1; transformers 5.24 `DeepseekV3MoE`, torchtitan `MoE`):
 y = Σ_k w_k · Expert_{e_k}(x) + SharedSwiGLU(x), the shared experts being one SwiGLU of width
-n_shared_experts · moe_intermediate_size. The block also
+n_shared_experts · moe_intermediate_size. The routed path is four steps, each in its own file:
+
+    x_ND -> gate (router.py: fp32 scores, bias, top-k) -> dispatcher.plan / dispatch (dispatch.py: sort
+         by expert, capacity, padding) -> grouped expert compute on (x_sorted, counts) (experts.py)
+         -> dispatcher.combine (dispatch.py: fp32 weights, scatter-add) -> y_ND
+
+`RoutedExperts.forward` runs steps 2-4 (fused per chunk on the CPU workers, see experts.py). The block
+receives its parts (`MoEParts`: gate, experts, shared experts, dispatcher); `standard_parts` builds them
+for the standard families, `widemoe.model.deepseek_v4.v4_moe_parts` for DeepSeek-V4. The block also
 
 - counts, in training mode only and outside autograd, the tokens each expert received into the
   non-persistent fp32 buffer `tokens_per_expert` (summed over micro-batches until
   `widemoe.train.bias_update.update_expert_bias` consumes and zeroes it; torchtitan keeps the same buffer);
-- computes the enabled auxiliary losses, unweighted, into `RoutingInfo.aux`:
+- computes the enabled auxiliary losses (`widemoe.model.balance`), unweighted, into `RoutingInfo.aux`:
   `seq_aux` (aux_loss_alpha > 0), `switch_aux` (router_aux_loss_coef > 0), `z_loss` (router_z_loss_coef > 0);
 - applies the optional Switch/GShard capacity in training only (eval never drops).
 
