@@ -17,6 +17,7 @@ from widemoe.train.build import prepare_train_data
 from widemoe.train.config import TrainConfig, TrainingStopped
 from widemoe.train.loop import Trainer
 from widemoe.train.metrics import read_metrics
+from widemoe.train.step import autocast_for
 
 torch.set_num_threads(2)
 
@@ -179,3 +180,29 @@ def test_aux_free_balancing_lowers_max_vio_against_none(tmp_path, corpus, cache_
         return read_metrics(Path(trainer.tc.run_dir) / "metrics.jsonl")
 
     assert final_max_vio("aux-free") < final_max_vio("none")
+
+
+def test_parallelize_runs_between_the_model_and_the_optimizer(tmp_path, corpus, cache_dir):
+    seen = {}
+
+    def parallelize_fn(model, mesh):
+        # as FSDP2 does: parameters replaced by new ones (here: copies), which the optimizer must hold
+        seen["mesh"] = mesh
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        seen["param"] = model.lm_head.weight
+        return model
+
+    tc = tc_for(tmp_path / "run")
+    td = prepare_train_data(tc, corpus, cache_dir)
+    trainer = Trainer(tc, td, tokenizer=td.tokenizer, mesh="a mesh", parallelize_fn=parallelize_fn)
+    assert seen["mesh"] == "a mesh" and trainer.model.lm_head.weight is seen["param"]
+    held = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    assert any(p is seen["param"] for p in held)
+
+
+def test_autocast_follows_the_device_and_the_flag():
+    a = torch.randn(4, 4)
+    with autocast_for(torch.device("cpu"), True):
+        assert (a @ a).dtype == torch.bfloat16
+    with autocast_for(torch.device("cpu"), False):
+        assert (a @ a).dtype == torch.float32
