@@ -32,6 +32,9 @@ from widemoe.train.step import accumulate_gradients, close_balancing_window, non
 
 
 class Trainer:
+    """One training run: its parts (model, optimizer, schedule), data, step counters, metrics and
+    checkpoints. `fit()` runs the loop; `train_step()` and `evaluate()` are one step and one eval."""
+
     def __init__(
         self,
         tc: TrainConfig,
