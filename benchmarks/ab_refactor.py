@@ -35,7 +35,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_layer import CONFIGS, Shape, model_config  # noqa: E402  (benchmarks/ is not a package)
-
 from widemoe.runtime import configure_cpu_runtime  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ab_refactor.json"
@@ -79,7 +78,8 @@ def round_robin(fns: dict[str, Callable[[], float]], reps: int, warmup: int) -> 
     return times
 
 
-def moe_call(moe: torch.nn.Module, xs: list[torch.Tensor], gout: torch.Tensor, mode: str) -> Callable[[], float]:
+def moe_call(moe: torch.nn.Module, xs: list[torch.Tensor], gout: torch.Tensor,
+             mode: str) -> Callable[[], float]:
     params = [p for p in moe.parameters() if p.requires_grad]
     step = [0]
 
@@ -135,7 +135,7 @@ def bench_train(pkgs: dict[str, str], bf16: bool, reps: int, batch: int = 16, se
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
 
-        def step(model=model, opt=opt) -> float:  # noqa: ANN001
+        def step(model=model, opt=opt, x=x, y=y) -> float:  # noqa: ANN001
             t0 = time.perf_counter()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = model(x, labels=y).loss
