@@ -15,9 +15,10 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeAttention, 
 
 from hf_helpers import hf_rope_parameters
 from widemoe.cache import KVCache, LayerCache
-from widemoe.config import ConfigError, get_preset
+from widemoe.config import ConfigError
 from widemoe.model.attention import GQAttention, MLAttention, attend, build_attention, causal_mask
 from widemoe.model.layers import RotaryEmbedding, apply_rope
+from widemoe.presets import get_preset
 
 MICRO = get_preset("micro")  # MLA with q_lora, YaRN original length 32
 MICRO_NOQ = MICRO.replace(q_lora_rank=None)

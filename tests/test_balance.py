@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from widemoe.config import get_preset
 from widemoe.model.balance import LoadTracker, dead_experts, max_vio
 from widemoe.model.moe import MoE
+from widemoe.presets import get_preset
 from widemoe.train.bias_update import update_expert_bias
 
 

@@ -18,7 +18,6 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRotaryEmbedding
 
 from hf_helpers import hf_rope_parameters
-from widemoe.config import get_preset
 from widemoe.model.layers import (
     RMSNorm,
     RotaryEmbedding,
@@ -29,6 +28,7 @@ from widemoe.model.layers import (
     rope_inv_freq,
     softmax_scale,
 )
+from widemoe.presets import get_preset
 
 
 def hf_deepseek_config(cfg) -> DeepseekV3Config:
