@@ -439,6 +439,8 @@ class RoutedExperts(nn.Module):
     def forward(self, x_ND: torch.Tensor, topk_ids_NK: torch.Tensor, topk_weights_NK: torch.Tensor,
                 capacity: int | None = None, dispatcher: TokenDispatcher | None = None,
                 ) -> tuple[torch.Tensor, int]:
+        """Steps 2-4 of the MoE path: plan and dispatch (`dispatcher`, default: local), grouped compute on
+        (x_sorted, counts), fp32 combine. Returns (y_ND in x's dtype, pairs dropped by `capacity`)."""
         if self.impl not in IMPLS:
             raise ValueError(f"RoutedExperts.impl={self.impl!r} must be one of {IMPLS}")
         d = dispatcher if dispatcher is not None else LocalDispatcher(self.num_experts)
@@ -446,12 +448,13 @@ class RoutedExperts(nn.Module):
         W1, W2 = self._compute_weights(x_ND)
         x_ND = x_ND.to(W1.dtype)
         plan = d.plan(topk_ids_NK, capacity, pad_to=self.row_quantum(x_ND, topk_ids_NK.numel()))
-        x_sorted, counts = d.dispatch(x_ND, plan)
+        x_sorted, counts = d.dispatch(x_ND, plan)  # local: a lazy gather, taken per chunk by the compute
         if x_sorted.num_rows == 0:  # N = 0, or everything dropped: zeros, graph kept connected
             zero = ((W1.sum() + W2.sum()) * 0).to(x_ND.dtype) + (w_NK.sum() * 0).to(x_ND.dtype)
             return x_ND * 0 + zero, plan.dropped
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w_NK, W1, W2))
         backend, lim = self.backend_for(x_ND, grad), self.swiglu_limit
+        # grouped compute -> d.combine (whole buffers), or -> d.combine_rows per chunk on the workers
         if backend in ("gmm", "autograd") and not grad:
             y = _grouped_nograd(x_sorted, counts, W1, W2, w_NK, plan, d, lim)
         elif backend == "autograd":
