@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from widemoe.config import ModelConfig, get_preset
+from widemoe.config import ModelConfig
 from widemoe.cost import kv_bytes
-from widemoe.model.transformer import WideMoeForCausalLM, build_model
+from widemoe.model.causal_lm import WideMoeForCausalLM, build_model
+from widemoe.presets import get_preset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "v4_decode.json"
 CHUNK = 512

@@ -13,9 +13,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from test_hf_parity import MLA, SEQ, YARN, _hf_routing, _ours, _randomise_bias  # noqa: E402
-from widemoe.config import get_preset  # noqa: E402
 from widemoe.hf import load_pretrained, save_pretrained  # noqa: E402
-from widemoe.model.transformer import build_model  # noqa: E402
+from widemoe.model.causal_lm import build_model  # noqa: E402
+from widemoe.presets import get_preset  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from widemoe.commands import report as report_cmd
-from widemoe.config import get_preset
+from widemoe.presets import get_preset
 from widemoe.report import ReportError, analyse_routing, build_report, load_run, summarise, summary_text
 from widemoe.report.analysis import entropy_bits, layer_label, mutual_information_bits, top_n_share
 

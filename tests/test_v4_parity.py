@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from widemoe.config import ModelConfig
-from widemoe.model.transformer import WideMoeForCausalLM
+from widemoe.model.causal_lm import WideMoeForCausalLM
 
 transformers = pytest.importorskip("transformers")
 from transformers import DeepseekV4Config, DeepseekV4ForCausalLM  # noqa: E402

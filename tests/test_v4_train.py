@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from test_v4_parity import CSA, SW, make_ids, tiny_v4_config
-from widemoe.model.deepseek_v4 import ClampedSwiGLU, balanced_tid2eid
-from widemoe.model.transformer import WideMoeForCausalLM
+from widemoe.model.causal_lm import WideMoeForCausalLM
+from widemoe.model.deepseek_v4 import balanced_tid2eid
+from widemoe.model.layers import SwiGLU
 
 
 def _indexer_params(m: WideMoeForCausalLM) -> dict[str, torch.nn.Parameter]:
@@ -69,7 +70,7 @@ def test_balanced_tid2eid() -> None:
 
 def test_shared_expert_swiglu_clamp() -> None:
     torch.manual_seed(0)
-    mlp = ClampedSwiGLU(8, 16, limit=0.05)
+    mlp = SwiGLU(8, 16, limit=0.05)
     x = torch.randn(5, 8) * 10
     g, u = mlp.gate_proj(x), mlp.up_proj(x)
     want = mlp.down_proj(torch.nn.functional.silu(g.clamp(max=0.05)) * u.clamp(-0.05, 0.05))
