@@ -8,10 +8,12 @@ time as in training) and times them round-robin (old, new, old, new, ...), so th
 at the same moment on a shared, noisy machine (method of shared/reference/cpu-performance-detail.md §1).
 
 Settings, as in benchmarks/moe_layer.py and benchmarks/train_step.py:
-- MoE layer: configs a, b, c; T=2048; fp32 and bf16; forward (no_grad) and forward+backward;
+- MoE layer: configs a, b, c; T=2048 (and 8192 with --tokens 2048,8192); fp32 and bf16; forward
+  (no_grad) and forward+backward;
 - training step: the `tiny` preset without MTP, batch 16 x 256, fused AdamW, fp32 and bf16 autocast.
 
     .venv/bin/python benchmarks/ab_refactor.py --old /tmp/old [--reps 7] [--only moe|train]
+        [--tokens 2048,8192]
 
 Prints old ms, new ms and new/old per setting and writes benchmarks/results/ab_refactor.json.
 """
@@ -72,9 +74,10 @@ def round_robin(fns: dict[str, Callable[[], float]], reps: int, warmup: int) -> 
         for _ in range(warmup):
             f()
     times: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(reps):
-        for n, f in fns.items():
-            times[n].append(f())
+    names = list(fns)
+    for i in range(reps):  # ABBA: neither side always runs right after the other's allocations
+        for n in names if i % 2 == 0 else names[::-1]:
+            times[n].append(fns[n]())
     return times
 
 
@@ -151,7 +154,7 @@ def bench_train(pkgs: dict[str, str], bf16: bool, reps: int, batch: int = 16, se
 
 def report(rows: list[dict], label: str, times: dict[str, list[float]]) -> None:
     med = {n: statistics.median(v) for n, v in times.items()}
-    ratio = med["new"] / med["old"]
+    ratio = statistics.median(n / o for n, o in zip(times["new"], times["old"]))
     rows.append({"setting": label, "old_ms": 1e3 * med["old"], "new_ms": 1e3 * med["new"],
                  "new_over_old": ratio, "old_all_ms": [1e3 * t for t in times["old"]],
                  "new_all_ms": [1e3 * t for t in times["new"]]})
@@ -165,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions per implementation")
     ap.add_argument("--only", choices=("moe", "train"), default=None)
     ap.add_argument("--configs", default="a,b,c")
+    ap.add_argument("--tokens", default="2048", help="comma-separated T values for the MoE layer")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     configure_cpu_runtime()
@@ -172,11 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         pkgs = {"old": import_old(args.old, Path(tmp)), "new": "widemoe"}
         if args.only in (None, "moe"):
-            for c in args.configs.split(","):
-                for dtype in (torch.float32, torch.bfloat16):
-                    for mode in ("fwd", "fwdbwd"):
-                        label = f"moe {c} T=2048 {str(dtype)[6:]} {mode}"
-                        report(rows, label, bench_moe(pkgs, CONFIGS[c], 2048, dtype, mode, args.reps, 2))
+            for T in (int(t) for t in args.tokens.split(",")):
+                for c in args.configs.split(","):
+                    for dtype in (torch.float32, torch.bfloat16):
+                        for mode in ("fwd", "fwdbwd"):
+                            label = f"moe {c} T={T} {str(dtype)[6:]} {mode}"
+                            report(rows, label, bench_moe(pkgs, CONFIGS[c], T, dtype, mode, args.reps, 2))
         if args.only in (None, "train"):
             for bf16 in (False, True):
                 label = f"train step tiny 16x256 {'bf16 autocast' if bf16 else 'fp32'}"
