@@ -186,10 +186,6 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @property
-    def is_v4(self) -> bool:
-        return self.model_type == "deepseek_v4"
-
-    @property
     def v4_layer_types(self) -> tuple[str, ...]:
         """V4 attention type per layer; an empty `layer_types` means HF's default schedule
         (HCA, HCA, then CSA on odd / HCA on even indices of the rest)."""
