@@ -151,7 +151,7 @@ def child(loader: str, path: str) -> None:
 
         transformers.logging.set_verbosity_error()
     elif loader == "convert":
-        from widemoe.commands.convert import convert
+        from widemoe.hf import convert_checkpoint
     else:
         from widemoe.hf import load_pretrained
     base = _status_kb("VmRSS")
@@ -160,7 +160,7 @@ def child(loader: str, path: str) -> None:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     elif loader == "convert":  # streaming FP8/bf16 -> bf16 directory conversion; holds no model
         with tempfile.TemporaryDirectory() as out:
-            convert(Path(path), Path(out), "bf16", max_shard_size="200MB")
+            convert_checkpoint(Path(path), Path(out), "bf16", max_shard_size="200MB")
         model = None
     else:
         model = load_pretrained(path, dtype=torch.bfloat16)
