@@ -69,3 +69,59 @@ def test_bad_inputs_are_clear_errors(model):
         generate(model, [[]], max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p=1.5"):
         GenerationConfig(top_p=1.5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"temperature": float("nan")}, r"temperature=nan must be a finite number >= 0"),
+        ({"temperature": float("inf")}, r"temperature=inf must be a finite number >= 0"),
+        ({"temperature": -0.5}, r"temperature=-0.5 must be a finite number >= 0"),
+        ({"temperature": "hot"}, r"temperature='hot' must be a finite number >= 0"),
+        ({"top_p": float("nan")}, r"top_p=nan must be in \(0, 1\]"),
+        ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"),
+        ({"top_k": -1}, r"top_k=-1 must be an integer >= 0"),
+        ({"top_k": 2.5}, r"top_k=2.5 must be an integer >= 0"),
+        ({"max_new_tokens": 0}, r"max_new_tokens=0 must be an integer >= 1"),
+        ({"max_new_tokens": -3}, r"max_new_tokens=-3 must be an integer >= 1"),
+        ({"max_new_tokens": 2.0}, r"max_new_tokens=2.0 must be an integer >= 1"),
+        ({"max_new_tokens": True}, r"max_new_tokens=True must be an integer >= 1"),
+        ({"seed": 1.5}, r"seed=1.5 must be an integer"),
+        ({"seed": "3"}, r"seed='3' must be an integer"),
+        ({"eos_token_id": -1}, r"eos_token_id=-1 must be an integer >= 0"),
+    ],
+)
+def test_bad_sampling_parameters_name_the_parameter_value_and_rule(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GenerationConfig(**kwargs)
+
+
+def test_top_k_zero_means_no_top_k(model):
+    prompts = [[5, 6, 7]]
+    assert generate(model, prompts, max_new_tokens=4, top_k=0) == generate(model, prompts, max_new_tokens=4)
+
+
+def test_stream_yields_each_step_as_it_is_produced(model):
+    from widemoe.generate import stream
+
+    prompts = [[5, 6, 7, 8], [3, 4]]
+    steps = list(stream(model, prompts, GenerationConfig(max_new_tokens=5)))
+    assert len(steps) == 5 and all(len(s) == 2 for s in steps)
+    assert [[s[b] for s in steps] for b in range(2)] == generate(model, prompts, max_new_tokens=5)
+
+
+def test_generation_stops_at_the_position_limit():
+    from dataclasses import replace
+
+    from widemoe.generate import position_budget
+
+    small = build_model(replace(get_preset("micro"), max_position_embeddings=16), seed=0).eval()
+    prompts = [list(range(1, 11)), [3, 4]]  # the longest prompt holds 10 of the 16 positions
+    gen = GenerationConfig(max_new_tokens=10**9)  # would otherwise run "forever"
+    assert position_budget(small, prompts, gen) == (6, True)
+    assert position_budget(small, prompts, GenerationConfig(max_new_tokens=3)) == (3, False)
+    out = generate(small, prompts, gen)
+    assert [len(o) for o in out] == [6, 6]
+    with pytest.raises(ValueError, match="prompt 0 has 17 tokens; the model has 16 positions"):
+        generate(small, [list(range(17))], max_new_tokens=1)

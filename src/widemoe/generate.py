@@ -8,42 +8,74 @@ projections (widemoe.model.attention).
 
 Sampling order follows common practice (transformers' logits processors): temperature, then top-k,
 then top-p over the remaining tokens; temperature 0 means greedy.
+
+`stream` yields each step's tokens as they are produced (the CLI prints them as they come);
+`generate` collects them. Prompt plus continuation never exceed the model's
+`max_position_embeddings` (`position_budget` says whether that limit, not `max_new_tokens`, ends a
+run). Sampling parameters are checked in one place, `RULES` / `check_parameter`, with the parameter,
+the value and the rule in the message (NaN fails every rule).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from widemoe.cache import KVCache
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# The one place sampling parameters are checked: (parameter, rule, test). The CLI's flags call
+# `check_parameter` too, so a bad value reads the same from Python and from the command line.
+# NaN fails every comparison, so each numeric rule is written to be False for NaN.
+RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "max_new_tokens": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "temperature": ("a finite number >= 0 (0 = greedy)", lambda v: _is_number(v) and 0 <= v < math.inf),
+    "top_k": ("an integer >= 0 (0 or None = no top-k)", lambda v: v is None or (_is_int(v) and v >= 0)),
+    "top_p": ("in (0, 1] (or None)", lambda v: v is None or (_is_number(v) and 0 < v <= 1)),
+    "seed": ("an integer (or None)", lambda v: v is None or _is_int(v)),
+    "eos_token_id": ("an integer >= 0 (or None)", lambda v: v is None or (_is_int(v) and v >= 0)),
+    "pad_token_id": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+}
+
+
+def check_parameter(name: str, value: Any) -> Any:
+    """`value` if it obeys the rule for sampling parameter `name`; otherwise a `ValueError` naming both."""
+    rule, ok = RULES[name]
+    if not ok(value):
+        raise ValueError(f"{name}={value!r} must be {rule}")
+    return value
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None
+    top_k: int | None = None  # 0 or None: no top-k
     top_p: float | None = None
     seed: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int = 0
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 0")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1 or None")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] or None")
+        for name in RULES:
+            check_parameter(name, getattr(self, name))
 
 
 def filter_logits(logits_BV: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Set logits outside the top-k / nucleus to -inf; the most likely token always survives."""
-    if top_k is not None and top_k < logits_BV.shape[-1]:
+    if top_k and top_k < logits_BV.shape[-1]:
         kth = torch.topk(logits_BV, top_k, dim=-1).values[..., -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -64,30 +96,75 @@ def next_tokens(logits_BV: torch.Tensor, gen: GenerationConfig, rng: torch.Gener
     return torch.multinomial(logits_BV.softmax(-1), 1, generator=rng).squeeze(-1)
 
 
-@torch.no_grad()
-def generate(
-    model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None, **kwargs
-) -> list[list[int]]:
-    """Continue each prompt; returns the new tokens per prompt (up to and including EOS)."""
-    gen = gen or GenerationConfig(**kwargs)
+def check_prompts(model: torch.nn.Module, prompts: Sequence[Sequence[int]]) -> None:
+    """Every prompt non-empty, its ids inside the vocabulary and its length inside the model's positions."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate() needs at least one prompt, and every prompt needs at least one token")
-    vocab = model.config.vocab_size
+    vocab, positions = model.config.vocab_size, model.config.max_position_embeddings
     for i, p in enumerate(prompts):
         bad = [t for t in p if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={vocab}): {bad[:5]}")
+        if len(p) > positions:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; the model has {positions} positions "
+                "(max_position_embeddings)"
+            )
+
+
+def position_budget(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig
+) -> tuple[int, bool]:
+    """(new tokens that will be generated at most, whether the model's position limit is what bounds them).
+
+    Prompt and continuation together never exceed `max_position_embeddings`: beyond it the model was
+    never trained (and a huge `max_new_tokens` would otherwise run for as long as it asks).
+    """
+    room = model.config.max_position_embeddings - max(len(p) for p in prompts)
+    return min(gen.max_new_tokens, room), room < gen.max_new_tokens
+
+
+def stream(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None, **kwargs
+) -> Iterator[list[int | None]]:
+    """Yield each decoding step as it is produced: one new token per prompt (None once a row has hit EOS).
+
+    Stops after `max_new_tokens` steps, when every row has emitted EOS, or at the model's position limit
+    (`position_budget`). The inputs are checked here, before the first step.
+    """
+    gen = gen or GenerationConfig(**kwargs)
+    check_prompts(model, prompts)
+    steps, _ = position_budget(model, prompts, gen)
+    return _stream(model, prompts, gen, steps)
+
+
+def generate(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig | None = None, **kwargs
+) -> list[list[int]]:
+    """Continue each prompt; returns the new tokens per prompt (up to and including EOS)."""
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in stream(model, prompts, gen, **kwargs):
+        for row, tok in zip(out, step):
+            if tok is not None:
+                row.append(tok)
+    return out
+
+
+@torch.no_grad()  # on a generator function torch applies no_grad around each step, not to the caller
+def _stream(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig, steps: int
+) -> Iterator[list[int | None]]:
     was_training = model.training
     model.eval()
     try:
-        return _generate(model, prompts, gen)
+        yield from _decode(model, prompts, gen, steps)
     finally:
         model.train(was_training)
 
 
-def _generate(
-    model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig
-) -> list[list[int]]:
+def _decode(
+    model: torch.nn.Module, prompts: Sequence[Sequence[int]], gen: GenerationConfig, steps: int
+) -> Iterator[list[int | None]]:
     device = next(model.parameters()).device
     B, L = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((B, L), gen.pad_token_id, dtype=torch.long, device=device)
@@ -101,23 +178,29 @@ def _generate(
         rng.manual_seed(gen.seed)
 
     cache: KVCache = model.new_cache()
-    out: list[list[int]] = [[] for _ in range(B)]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_ids, step_mask = ids, mask
-    for _ in range(gen.max_new_tokens):
+    for _ in range(steps):
         logits = model(step_ids, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]
         tok = next_tokens(logits, gen, rng)
         tok = torch.where(done, torch.full_like(tok, gen.pad_token_id), tok)
-        for b in range(B):
-            if not done[b]:
-                out[b].append(int(tok[b]))
+        yield [None if bool(done[b]) else int(tok[b]) for b in range(B)]
         if gen.eos_token_id is not None:
             done |= tok == gen.eos_token_id
         if bool(done.all()):
             break
         step_ids = tok[:, None]
         step_mask = torch.cat([step_mask, torch.ones((B, 1), dtype=torch.bool, device=device)], dim=1)
-    return out
 
 
-__all__ = ["GenerationConfig", "filter_logits", "generate", "next_tokens"]
+__all__ = [
+    "RULES",
+    "GenerationConfig",
+    "check_parameter",
+    "check_prompts",
+    "filter_logits",
+    "generate",
+    "next_tokens",
+    "position_budget",
+    "stream",
+]
