@@ -206,3 +206,31 @@ def test_autocast_follows_the_device_and_the_flag():
         assert (a @ a).dtype == torch.bfloat16
     with autocast_for(torch.device("cpu"), False):
         assert (a @ a).dtype == torch.float32
+
+
+def test_retention_interrupted_after_the_marker_leaves_nothing_marked_incomplete(tmp_path, monkeypatch):
+    # A kill in the middle of deleting an old checkpoint must not leave it COMMITTED without its state.
+    from widemoe.hf.resolve import MARKER
+    from widemoe.train import checkpoint as ckpt
+
+    def write_model(d):
+        (d / "config.json").write_text("{}")
+
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, write_model, {"step": step}, keep_last=2)
+
+    class Killed(BaseException):
+        pass
+
+    def killed_rmtree(path, ignore_errors=False):
+        (Path(path) / ckpt.STATE_FILE).unlink()  # the state goes first, then the process dies
+        raise Killed
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_rmtree)
+    with pytest.raises(Killed):
+        ckpt.save_checkpoint(tmp_path, 3, write_model, {"step": 3}, keep_last=2)
+    for d in committed_checkpoints(tmp_path):
+        assert (d / ckpt.STATE_FILE).is_file(), d
+    assert (tmp_path / "checkpoints" / "step-00000001").is_dir()  # the interrupted one: not committed
+    assert not (tmp_path / "checkpoints" / "step-00000001" / MARKER).exists()
+    assert [p.name for p in committed_checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]

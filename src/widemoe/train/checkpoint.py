@@ -11,7 +11,8 @@ Layout of one checkpoint, `RUN/checkpoints/step-00000100/`:
 A checkpoint is written into `step-XXXXXXXX.tmp-<pid>/`, every file fsynced, the directory renamed to
 its final name and fsynced, and only then is the `COMMITTED` marker written and fsynced. A process
 killed at any moment therefore leaves either the previous checkpoint as the newest committed one or
-the new one complete. Retention deletes old committed checkpoints but never the newest one.
+the new one complete. Retention deletes old committed checkpoints but never the newest one, each one's
+marker first, so that `COMMITTED` means complete at every moment, also during a deletion cut short.
 
 The training state is loaded with `torch.load(weights_only=True)`: no pickled code ever runs.
 The read side of this layout (`MARKER`, `committed_checkpoints`, `latest_checkpoint`) is in
@@ -75,8 +76,8 @@ def save_checkpoint(
     write_model(tmp)
     torch.save(state, tmp / STATE_FILE)
     _fsync_tree(tmp)
-    if final.exists():  # an uncommitted leftover of a crashed save of the same step
-        shutil.rmtree(final)
+    if final.exists():  # an uncommitted leftover of a crashed save, or a damaged one set aside on resume
+        remove_checkpoint(final)
     os.replace(tmp, final)
     _fsync_path(final.parent)
     if before_commit is not None:
@@ -91,12 +92,22 @@ def save_checkpoint(
     return final
 
 
+def remove_checkpoint(ckpt: Path) -> None:
+    """Delete a checkpoint directory, its `COMMITTED` marker first (and durably): a kill during the
+    deletion leaves an uncommitted directory, never a committed one that lacks files."""
+    marker = ckpt / MARKER
+    if marker.exists():
+        marker.unlink()
+        _fsync_path(ckpt)
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
 def _apply_retention(run_dir: Path, keep_last: int) -> None:
     committed = committed_checkpoints(run_dir)
     newest = committed[-1] if committed else None
     for old in committed[: max(0, len(committed) - max(1, keep_last))]:
         if old != newest:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
     # Leftover temporaries of crashed saves are garbage once a newer checkpoint is committed.
     root = run_dir / "checkpoints"
     for p in root.iterdir():
@@ -169,5 +180,6 @@ __all__ = [
     "STATE_FILE",
     "checkpoint_dir",
     "load_training_state",
+    "remove_checkpoint",
     "save_checkpoint",
 ]
