@@ -4,6 +4,7 @@ to its config, weights and tokenizer, and loaded; errors are exceptions with cle
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,24 @@ def test_load_refuses_what_does_not_fit_and_tiny_vocabularies() -> None:
         load_tokenizer(small)
     model, tok = load_model(resolve_model("micro"), dtype=torch.bfloat16)
     assert next(model.parameters()).dtype == torch.bfloat16 and tok.is_bytes
+
+
+@pytest.mark.parametrize("spec", ["./no/such/dir", "runs/typo", ".hidden-run", "missing.json", "cfg.toml"])
+def test_a_missing_path_is_no_such_file_not_an_unknown_preset(spec: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError, match=f"^no such file or directory: {re.escape(spec)}$"):
+        resolve_model(spec)
+
+
+def test_a_path_that_exists_only_in_part_names_the_missing_part(tmp_path) -> None:
+    (tmp_path / "runs").mkdir()
+    spec = str(tmp_path / "runs" / "typo")
+    pattern = f"^no such file or directory: {re.escape(spec)} \\(.*runs exists\\)$"
+    with pytest.raises(SpecError, match=pattern):
+        resolve_model(spec)
+
+
+def test_a_bare_name_is_still_an_unknown_preset(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError, match="^unknown preset 'mikro'; presets: .*micro"):
+        resolve_model("mikro")

@@ -23,6 +23,7 @@ writes checkpoints in this layout (see `widemoe.train.checkpoint`).
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ STEP_DIR_RE = re.compile(r"^step-(\d{8})$")
 # Refuse to materialise a random model bigger than this share of the machine's memory.
 MAX_MEMORY_SHARE = 0.5
 
+CONFIG_SUFFIXES = (".json", ".toml")
 SpecKind = Literal["preset", "config", "directory", "run"]
 _WIDEMOE_FIELDS = set(ModelConfig.__dataclass_fields__)
 
@@ -97,8 +99,24 @@ def resolve_model(spec: str | Path) -> ResolvedModel:
     if path.is_dir():
         return _resolve_directory(spec, path)
     if not path.exists():
-        raise SpecError(f"unknown preset {spec!r} and no such file; presets: {', '.join(PRESET_NAMES)}")
+        raise _missing(spec, path)
     return ResolvedModel(spec, "config", read_config_file(path))
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec meant as a file or directory: a separator, a leading `.` or `~`, or a config suffix."""
+    return "/" in spec or os.sep in spec or spec.startswith((".", "~")) or spec.endswith(CONFIG_SUFFIXES)
+
+
+def _missing(spec: str, path: Path) -> SpecError:
+    """A spec that names neither a preset nor an existing path: say which one the user meant."""
+    if not looks_like_path(spec):
+        return SpecError(f"unknown preset {spec!r}; presets: {', '.join(PRESET_NAMES)}")
+    message = f"no such file or directory: {spec}"
+    ancestor = next((a for a in path.parents if a.exists()), None)
+    if ancestor is not None and ancestor not in (Path("."), Path(path.anchor)):
+        message += f" (only {ancestor} exists)"
+    return SpecError(message)
 
 
 def _resolve_directory(spec: str, path: Path) -> ResolvedModel:
@@ -200,6 +218,7 @@ __all__ = [
     "latest_checkpoint",
     "load_model",
     "load_tokenizer",
+    "looks_like_path",
     "read_config_file",
     "resolve_model",
 ]
