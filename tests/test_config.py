@@ -1,10 +1,13 @@
 """ModelConfig: validation errors name the field and the rule; presets carry published dimensions."""
 
 import json
+import math
 
 import pytest
 
 from widemoe.config import FAMILY_RULES, ConfigError, ModelConfig
+from widemoe.hf import hf_to_model_config, model_config_to_hf
+from widemoe.hf.families.common import WIDEMOE_ONLY
 from widemoe.presets import PRESET_NAMES, config_from_file, get_preset
 
 
@@ -120,3 +123,155 @@ def test_family_rules_are_picked_by_model_type():
 def test_round_trip_through_dict():
     c = get_preset("deepseek-v2-lite")
     assert ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+# --- one type pass over every field, from every source (issue 11, defect 6) --------------------------
+
+_NAN, _INF = float("nan"), float("inf")
+_ALL = ("kwargs", "replace", "json", "toml", "hf")
+_NO_TOML = ("kwargs", "replace", "json", "hf")  # TOML has no null
+_WIDEMOE = ("kwargs", "replace", "json", "toml")  # fields a DeepSeek-V3 config.json does not carry
+_NULL = ("kwargs", "replace", "json")  # a null the HF reader takes as "the family's default"
+
+# (field, wrong value, message (regex), sources); each message names the field, the value and the type
+_WRONG_TYPES = [
+    ("num_hidden_layers", "4", r"num_hidden_layers='4' must be an integer, not a string", _ALL),
+    ("num_hidden_layers", 2.5, r"num_hidden_layers=2\.5 must be an integer", _ALL),
+    ("n_routed_experts", True, r"n_routed_experts=True must be an integer, not a boolean", _ALL),
+    ("max_position_embeddings", None, r"max_position_embeddings=None must be an integer, not null", _NO_TOML),
+    ("q_lora_rank", "48", r"q_lora_rank='48' must be an integer or null, not a string", _ALL),
+    ("eos_token_id", False, r"eos_token_id=False must be an integer or null, not a boolean", _ALL),
+    ("norm_topk_prob", "false", r"norm_topk_prob='false' must be a boolean \(true or false\), not a string",
+     _ALL),
+    ("tie_word_embeddings", "false", r"tie_word_embeddings='false' must be a boolean \(true or false\)",
+     _ALL),
+    ("rope_interleave", 0, r"rope_interleave=0 must be a boolean \(true or false\), not an integer", _ALL),
+    ("norm_topk_prob", None, r"norm_topk_prob=None must be a boolean \(true or false\), not null", _NULL),
+    ("routed_scaling_factor", "2.5", r"routed_scaling_factor='2.5' must be a number, not a string", _ALL),
+    ("routed_scaling_factor", _NAN, r"routed_scaling_factor=nan must be a finite number", _ALL),
+    ("routed_scaling_factor", True, r"routed_scaling_factor=True must be a number, not a boolean", _ALL),
+    ("routed_scaling_factor", None, r"routed_scaling_factor=None must be a number, not null", _NULL),
+    ("rms_norm_eps", _INF, r"rms_norm_eps=inf must be a finite number", _ALL),
+    ("initializer_range", "0.02", r"initializer_range='0.02' must be a number, not a string", _ALL),
+    ("capacity_factor", "1.5", r"capacity_factor='1.5' must be a number or null, not a string", _ALL),
+    ("capacity_factor", _INF, r"capacity_factor=inf must be a finite number or null", _ALL),
+    ("bias_update_speed", _NAN, r"bias_update_speed=nan must be a finite number", _ALL),
+    ("scoring_func", 1, r"scoring_func=1 must be a string, not an integer", _ALL),
+    ("topk_method", None, r"topk_method=None must be a string, not null", _NULL),
+    ("mlp_only_layers", [0, "1"], r"mlp_only_layers=\[0, '1'\] must be a list of integers", _WIDEMOE),
+    ("mlp_only_layers", "0", r"mlp_only_layers='0' must be a list of integers, not a string", _WIDEMOE),
+    ("layer_types", [True], r"layer_types=\[True\] must be a list of strings", _WIDEMOE),
+    ("rope_scaling", "yarn", r"rope_scaling='yarn' must be a mapping or null, not a string", _WIDEMOE),
+    ("compress_rope_theta", "1e4", r"compress_rope_theta='1e4' must be a number, not a string", _WIDEMOE),
+    ("sliding_window", 1.5, r"sliding_window=1\.5 must be an integer or null", _WIDEMOE),
+]
+
+
+def _toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan" if v != v else "inf"
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
+def _build_from(source, field, value, tmp_path):
+    """Build the micro preset with `field` set to `value` through one source; returns the file name
+    that must appear in the message (or None)."""
+    if source == "kwargs":
+        ModelConfig(**{**get_preset("micro").to_dict(), field: value})
+    elif source == "replace":
+        get_preset("micro").replace(**{field: value})
+    elif source == "json":
+        p = tmp_path / "m.json"
+        p.write_text(json.dumps({"preset": "micro", field: value}))
+        config_from_file(p)
+        return "m.json"
+    elif source == "toml":
+        p = tmp_path / "m.toml"
+        p.write_text(f'preset = "micro"\n{field} = {_toml_value(value)}\n')
+        config_from_file(p)
+        return "m.toml"
+    else:
+        hf = model_config_to_hf(get_preset("micro"))
+        if field in WIDEMOE_ONLY:
+            hf["widemoe"] = {field: value}
+        else:
+            assert field in hf, field
+            hf[field] = value
+        p = tmp_path / "config.json"
+        p.write_text(json.dumps(hf))
+        hf_to_model_config(json.loads(p.read_text()), source=str(p))
+        return "config.json"
+    return None
+
+
+@pytest.mark.parametrize(
+    "source, field, value, message",
+    [
+        pytest.param(s, f, v, m, id=f"{s}-{f}={v!r}")
+        for f, v, m, sources in _WRONG_TYPES
+        for s in sources
+    ],
+)
+def test_wrong_types_are_refused_naming_field_value_and_type(source, field, value, message, tmp_path):
+    with pytest.raises(ConfigError, match=message) as e:
+        _build_from(source, field, value, tmp_path)
+    name = None
+    try:
+        _build_from(source, "hidden_size", 64, tmp_path)  # the same source with a valid value builds
+    except ConfigError as ok:  # pragma: no cover - a failure here is the test's own bug
+        pytest.fail(f"valid value refused: {ok}")
+    if source in ("json", "toml", "hf"):
+        name = {"json": "m.json", "toml": "m.toml", "hf": "config.json"}[source]
+        assert name in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"rope_scaling": {"type": "yarn", "factor": True, "original_max_position_embeddings": 32}},
+         r"rope_scaling.factor=True must be a finite number >= 1"),
+        ({"rope_scaling": {"type": "yarn", "factor": _INF, "original_max_position_embeddings": 32}},
+         r"rope_scaling.factor=inf must be a finite number >= 1"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": True}},
+         r"rope_scaling.original_max_position_embeddings=True must be a positive integer"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32,
+                           "beta_fast": "32"}},
+         r"rope_scaling.beta_fast='32' must be a finite non-negative number"),
+        ({"rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32,
+                           "mscale": _NAN}},
+         r"rope_scaling.mscale=nan must be a finite non-negative number"),
+    ],
+)
+def test_rope_scaling_entries_are_typed(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        get_preset("micro", **changes)
+
+
+def test_hf_config_json_values_are_typed_before_the_adapter_converts_them(tmp_path):
+    hf = model_config_to_hf(get_preset("micro"))
+    hf["rope_parameters"]["rope_theta"] = "10000"
+    with pytest.raises(ConfigError, match=r"ck/config.json: rope_theta='10000' must be a number"):
+        hf_to_model_config(hf, source="ck/config.json")
+    hf = model_config_to_hf(get_preset("micro"))
+    hf["rope_parameters"]["factor"] = "4"
+    with pytest.raises(ConfigError, match=r"ck/config.json: rope_scaling.factor='4' must be a finite number"):
+        hf_to_model_config(hf, source="ck/config.json")
+
+
+def test_accepted_values_are_normalised_as_before(tmp_path):
+    np = pytest.importorskip("numpy")
+    c = get_preset("micro", routed_scaling_factor=2, rope_theta=np.float32(5e3),
+                   num_hidden_layers=np.int64(4), mlp_only_layers=[], capacity_factor=1)
+    assert c.routed_scaling_factor == 2.0 and type(c.routed_scaling_factor) is float
+    assert type(c.rope_theta) is float and type(c.num_hidden_layers) is int and c.num_hidden_layers == 4
+    assert c.capacity_factor == 1.0 and type(c.capacity_factor) is float and c.mlp_only_layers == ()
+    assert json.loads(json.dumps(c.to_dict())) == c.to_dict()  # plain Python types only
+    for name in PRESET_NAMES:  # every preset round-trips unchanged through JSON
+        p = get_preset(name)
+        assert ModelConfig.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+        assert ModelConfig.from_dict(json.loads(json.dumps(p.to_dict()))).to_dict() == p.to_dict()

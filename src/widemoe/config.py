@@ -7,8 +7,11 @@ scoring, normalisation, scaling, grouping, attention type and norms are all fiel
 
 Fields that no HF family defines (balancing and training switches) are marked "widemoe" below.
 
-Validation runs when the dataclass is built (also through `dataclasses.replace`), and every error
-names the field and the rule it breaks, e.g. ``num_experts_per_tok=20 exceeds n_routed_experts=16``.
+Validation runs when the dataclass is built (also through `dataclasses.replace`): first one type pass
+over every field (`widemoe.config_types`, from the annotations: ``norm_topk_prob='false' must be a
+boolean (true or false), not a string``), then the value rules. Every error names the field and the
+rule it breaks, e.g. ``num_experts_per_tok=20 exceeds n_routed_experts=16``, after the source:
+``ModelConfig:`` when built directly, the file's path when read from one.
 
 The presets (published dimensions of real releases, and the small CPU sizes) are in
 `widemoe.presets`, one layer up: `widemoe.presets.config_from_file` reads a config file that starts
@@ -17,14 +20,16 @@ from a preset. Per-family rules (fields only one family reads) are picked from `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from widemoe.config_types import check_value, is_finite_number, is_integer, kinds_of
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,9 +70,8 @@ class ModelConfig:
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
     scoring_func: str = "sigmoid"
-    topk_method: str = (
-        "noaux_tc"  # noaux_tc: selection bias + top-2-sum groups; greedy; group_limited_greedy (max)
-    )
+    # noaux_tc: selection bias + top-2-sum groups; greedy; group_limited_greedy (max)
+    topk_method: str = "noaux_tc"
     norm_topk_prob: bool = True
     # widemoe: Switch/GShard capacity; None = dropless (the default). Never drops in eval.
     capacity_factor: float | None = None
@@ -92,9 +96,7 @@ class ModelConfig:
 
     # --- positions ---------------------------------------------------------------------------
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = (
-        None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
-    )
+    rope_scaling: dict[str, Any] | None = None  # {"type": "yarn", "factor", "original_max_position_…", …}
     rope_interleave: bool = True  # DeepSeek: interleaved pairs; Qwen/Mixtral/OLMoE: rotate-half
     max_position_embeddings: int = 4096
 
@@ -131,11 +133,14 @@ class ModelConfig:
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        if isinstance(self.mlp_only_layers, list):
-            object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
-        if isinstance(self.layer_types, list):
-            object.__setattr__(self, "layer_types", tuple(self.layer_types))
-        _validate(self)
+        try:
+            for name, kind in _KINDS.items():  # the type pass: lists -> tuples, ints -> floats
+                value, error = check_value(name, kind, getattr(self, name))
+                _need(error is None, error or "")
+                object.__setattr__(self, name, value)
+            _validate(self)
+        except ConfigError as e:
+            raise ConfigError(f"ModelConfig: {e}") from None
 
     # --- derived properties --------------------------------------------------------------------
     @property
@@ -205,7 +210,8 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> ModelConfig:
         """Build from widemoe's own field names; unknown keys are an error naming them."""
         check_known_fields(d, source)
-        return cls(**d)
+        with config_source(source):
+            return cls(**d)
 
     @classmethod
     def from_file(cls, path: str | Path, presets: PresetLookup | None = None) -> ModelConfig:
@@ -222,9 +228,11 @@ class ModelConfig:
                 "read the file with widemoe.presets.config_from_file"
             )
         check_known_fields(d, str(p))
-        return presets(base).replace(**d)
+        with config_source(str(p)):
+            return presets(base).replace(**d)
 
 
+_KINDS = kinds_of(ModelConfig)  # field -> expected type, from the annotations above
 PresetLookup = Callable[[str], ModelConfig]  # name -> config (widemoe.presets.get_preset)
 
 
@@ -241,6 +249,26 @@ def read_config_mapping(p: Path) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise ConfigError(f"{p}: expected a mapping of config fields at the top level")
     return d
+
+
+@contextlib.contextmanager
+def config_source(source: str) -> Iterator[None]:
+    """Name `source` (a file, a preset) instead of ``ModelConfig`` in the errors of configs built inside."""
+    try:
+        yield
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(f"{source}: {msg.removeprefix('ModelConfig: ')}") from None
+
+
+def check_field_value(field: str, value: Any, *, key: str | None = None, source: str = "ModelConfig") -> Any:
+    """`value` checked against the type of ModelConfig's `field` and normalised (ints -> floats where
+    floats belong, lists -> tuples); ConfigError names the source, the key (default: the field), the
+    value and the expected type. For readers that convert values before building the config."""
+    checked, error = check_value(key or field, _KINDS[field], value)
+    if error is not None:
+        raise ConfigError(f"{source}: {error}")
+    return checked
 
 
 def check_known_fields(d: dict[str, Any], source: str) -> None:
@@ -286,11 +314,8 @@ def _validate(c: ModelConfig) -> None:
 
 
 def _validate_sizes(c: ModelConfig) -> None:
-    _need_ints(
-        c,
-        ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"),
-        1,
-    )
+    _need_ints(c, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"), 1)
+    _need_ints(c, ("max_position_embeddings",), 1)
     counts = ("intermediate_size", "moe_intermediate_size", "n_routed_experts", "n_shared_experts",
               "num_experts_per_tok", "first_k_dense_replace", "num_nextn_predict_layers")
     _need_ints(c, counts, 0)
@@ -342,15 +367,11 @@ def _validate_routing(c: ModelConfig) -> None:
     _need(c.topk_method in TOPK_METHODS, f"topk_method={c.topk_method!r} must be one of {TOPK_METHODS}")
     _need(c.routed_scaling_factor > 0, f"routed_scaling_factor={c.routed_scaling_factor} must be > 0")
     if c.capacity_factor is not None:
-        _need(c.capacity_factor > 0,
-              f"capacity_factor={c.capacity_factor} must be > 0 (or None for dropless)")
+        _need(c.capacity_factor > 0, f"capacity_factor={c.capacity_factor} must be > 0 (or null: dropless)")
     for name in ("aux_loss_alpha", "router_aux_loss_coef", "router_z_loss_coef", "bias_update_speed",
                  "mtp_loss_weight"):
         v = getattr(c, name)
-        _need(
-            isinstance(v, (int, float)) and v >= 0 and math.isfinite(v),
-            f"{name}={v!r} must be finite and >= 0",
-        )
+        _need(v >= 0, f"{name}={v!r} must be finite and >= 0")
 
 
 def _validate_attention(c: ModelConfig) -> None:
@@ -396,17 +417,17 @@ def _validate_rope(c: ModelConfig) -> None:
     if kind != "yarn":
         return
     f = rs.get("factor")
-    _need(isinstance(f, (int, float)) and f >= 1, f"rope_scaling.factor={f!r} must be a number >= 1 for YaRN")
+    _need(is_finite_number(f) and f >= 1, f"rope_scaling.factor={f!r} must be a finite number >= 1 for YaRN")
     L0 = rs.get("original_max_position_embeddings")
     _need(
-        isinstance(L0, int) and L0 > 0,
+        is_integer(L0) and L0 > 0,
         f"rope_scaling.original_max_position_embeddings={L0!r} must be a positive integer for YaRN",
     )
     for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
         v = rs.get(key)
         _need(
-            v is None or (isinstance(v, (int, float)) and v >= 0),
-            f"rope_scaling.{key}={v!r} must be a non-negative number",
+            v is None or (is_finite_number(v) and v >= 0),
+            f"rope_scaling.{key}={v!r} must be a finite non-negative number",
         )
 
 
@@ -467,15 +488,12 @@ def _validate_deepseek_v4(c: ModelConfig) -> None:
     _need(c.swiglu_limit is None or c.swiglu_limit > 0, f"swiglu_limit={c.swiglu_limit} must be > 0 or null")
     _need(c.hc_eps > 0, f"hc_eps={c.hc_eps} must be > 0")
     _need(c.compress_rope_theta > 0, f"compress_rope_theta={c.compress_rope_theta} must be > 0")
-    _need(
-        c.index_loss_coef >= 0 and math.isfinite(c.index_loss_coef),
-        f"index_loss_coef={c.index_loss_coef} must be finite and >= 0",
-    )
+    _need(c.index_loss_coef >= 0, f"index_loss_coef={c.index_loss_coef} must be finite and >= 0")
 
 
 # The rules of each family with fields of its own, by model_type; every other family gets
 # `_validate_standard_family`. A family with new fields adds its validator here.
 FAMILY_RULES: dict[str, Callable[[ModelConfig], None]] = {"deepseek_v4": _validate_deepseek_v4}
 
-__all__ = ["ConfigError", "FAMILY_RULES", "ModelConfig", "PresetLookup", "check_known_fields",
-           "read_config_mapping"]
+__all__ = ["ConfigError", "FAMILY_RULES", "ModelConfig", "PresetLookup", "check_field_value",
+           "check_known_fields", "config_source", "read_config_mapping"]

@@ -14,7 +14,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from widemoe.config import ConfigError, ModelConfig
+from widemoe.config import ConfigError, ModelConfig, check_field_value, config_source
+from widemoe.config_types import is_finite_number
+
+_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 # Fields that never change the forward pass (or that widemoe reads elsewhere): ignored silently.
 IGNORED = {
@@ -54,10 +57,18 @@ class HfFields:
         for k in (key, *alts):
             if k in self.hf and (self.hf[k] is not None or not required):
                 self.used.add(k)
-                return self.hf[k]
+                return self.typed(key, self.hf[k], k)
         if required:
             raise ConfigError(f"{self.source}: required field {key!r} is missing or null ({self.family})")
         return self.defaults.get(key)
+
+    def typed(self, field: str, value: Any, key: str | None = None) -> Any:
+        """`value` unchanged once it has the type of ModelConfig's `field` (checked before an adapter
+        converts it: ``bool("false")`` is True); null is left to the caller (often "the default")."""
+        if value is None or field not in _FIELDS or (field == "eos_token_id" and isinstance(value, list)):
+            return value
+        check_field_value(field, value, key=key or field, source=self.source)
+        return value
 
     def seen(self, *keys: str) -> None:
         """Mark fields as read (checked by the caller without `get`)."""
@@ -81,6 +92,7 @@ def read_core(r: HfFields) -> dict[str, Any]:
     drop = hf.get("attention_dropout") or 0.0
     r.refuse(drop != 0, f"attention_dropout={drop} is not supported (widemoe has no attention dropout)")
     eos = r.get("eos_token_id")
+    tie, init = r.get("tie_word_embeddings"), r.get("initializer_range")
     if isinstance(eos, list):
         r.notices.append(f"eos_token_id={eos} is a list; widemoe uses the first id {eos[0] if eos else None}")
         eos = eos[0] if eos else None
@@ -91,9 +103,9 @@ def read_core(r: HfFields) -> dict[str, Any]:
         num_hidden_layers=r.get("num_hidden_layers", required=True),
         num_attention_heads=r.get("num_attention_heads", required=True),
         max_position_embeddings=r.get("max_position_embeddings"),
-        rms_norm_eps=float(r.get("rms_norm_eps")),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        initializer_range=float(hf.get("initializer_range", 0.02)),
+        rms_norm_eps=_real(r.get("rms_norm_eps"), float),
+        tie_word_embeddings=False if tie is None else tie,
+        initializer_range=0.02 if init is None else _real(init, float),
         bos_token_id=r.get("bos_token_id"),
         eos_token_id=eos,
         pad_token_id=r.get("pad_token_id"),
@@ -101,6 +113,11 @@ def read_core(r: HfFields) -> dict[str, Any]:
     theta, rope_scaling = _rope_from_hf(r, c["max_position_embeddings"])
     c.update(rope_theta=theta, rope_scaling=rope_scaling)
     return c
+
+
+def _real(v: Any, cast: type) -> Any:
+    """`cast(v)` for a finite number; anything else as it is, for ModelConfig to refuse by name."""
+    return cast(v) if is_finite_number(v) else v
 
 
 def _rope_from_hf(r: HfFields, max_pos: int) -> tuple[float, dict | None]:
@@ -121,8 +138,9 @@ def _rope_from_hf(r: HfFields, max_pos: int) -> tuple[float, dict | None]:
         prf not in (None, 1, 1.0),
         f"partial_rotary_factor={prf} is not supported (widemoe rotates the whole rope dimension)",
     )
+    theta = r.typed("rope_theta", theta)
     if kind == "default":
-        return float(theta), None
+        return _real(theta, float), None
     r.refuse(
         kind != "yarn",
         f"rope type {kind!r} (rope_scaling/rope_parameters) is not supported; "
@@ -130,18 +148,18 @@ def _rope_from_hf(r: HfFields, max_pos: int) -> tuple[float, dict | None]:
     )
     L0 = rp.get("original_max_position_embeddings", hf.get("original_max_position_embeddings", max_pos))
     factor = rp.get("factor")
-    if factor is None:  # transformers: the ratio of the extended to the original context
-        factor = max_pos / L0
+    if factor is None and is_finite_number(max_pos) and is_finite_number(L0) and L0 > 0:
+        factor = max_pos / L0  # transformers: the ratio of the extended to the original context
     # Keep exactly the keys the file sets: transformers' defaults depend on absence (e.g. the
     # attention factor is mscale(s, mscale)/mscale(s, mscale_all_dim) only when both are set), and
     # widemoe.model.layers mirrors that logic, including attention_factor and truncate.
     rs: dict[str, Any] = {
         "type": "yarn",
-        "factor": float(factor),
-        "original_max_position_embeddings": int(L0),
+        "factor": _real(factor, float),
+        "original_max_position_embeddings": int(L0) if is_finite_number(L0) and L0 == int(L0) else L0,
     }
     rs.update({k: rp[k] for k in _YARN_KEYS if rp.get(k) is not None})
-    return float(theta), rs
+    return _real(theta, float), rs
 
 
 def finish(r: HfFields, c: dict[str, Any], *, handled: tuple[str, ...] = ()) -> tuple[ModelConfig, list[str]]:
@@ -155,7 +173,8 @@ def finish(r: HfFields, c: dict[str, Any], *, handled: tuple[str, ...] = ()) -> 
     unknown = sorted(set(r.hf) - r.used - IGNORED - set(c))
     if unknown:
         r.notices.append(f"config fields not used by widemoe: {', '.join(unknown)}")
-    return ModelConfig(**c), r.notices
+    with config_source(r.source):
+        return ModelConfig(**c), r.notices
 
 
 # ------------------------------------------------------------------------------------------------
