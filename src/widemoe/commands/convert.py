@@ -9,14 +9,40 @@ Tokenizer files (data only, never code) are copied from SRC.
 Memory: the conversion streams (``widemoe.hf.convert``): each output tensor is read, dequantised and
 cast on its own and written straight into its shard, so peak memory is about one tensor, never the
 model. A 671B FP8 checkpoint converts on a machine with a few GB of RAM.
+
+Safety: the options, DST and SRC's accounting are all checked before DST is touched; the output is
+written into a temporary directory beside DST and swapped in only when complete, so an error or a
+kill leaves DST exactly as it was. A non-empty DST is refused unless --overwrite, which replaces its
+model files (weights and index, config.json, generation_config.json, tokenizer files) and keeps
+everything else. Errors (a damaged or mismatching SRC, a refused DST) exit with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import re
 import time
 from pathlib import Path
+
+
+def _shard_size(text: str) -> str:
+    from widemoe.hf.safetensors_io import parse_size
+
+    try:
+        parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a positive byte count (examples: 5GB, 500MB, 2GiB, 1000000)"
+        ) from None
+    return text
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression ({e})") from None
+    return text
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -27,36 +53,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", type=Path, help="source Hugging Face model directory")
-    p.add_argument("dst", type=Path, help="destination directory (created)")
+    p.add_argument("dst", type=Path, help="destination directory (created; see --overwrite)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the written weights")
-    p.add_argument("--max-shard-size", default="5GB", help="shard the weights above this size (default 5GB)")
+    p.add_argument(
+        "--max-shard-size",
+        type=_shard_size,
+        default="5GB",
+        help="shard the weights above this size (default 5GB)",
+    )
     p.add_argument(
         "--ignore",
         action="append",
+        type=_regex,
         default=[],
         metavar="REGEX",
         help="skip source tensors (or leave model tensors zero) matching REGEX; repeatable",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="DST may be a non-empty directory: replace its model files (weights, config.json, "
+        "tokenizer), keep its other files",
     )
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from widemoe.config import ConfigError
-    from widemoe.hf import LoadError, PickleCheckpointError, convert_checkpoint
+    from widemoe.hf import convert_checkpoint
 
     src, dst = Path(args.src), Path(args.dst)
-    if dst.resolve() == src.resolve():
-        print("error: DST must differ from SRC (the source shards are read while writing)", file=sys.stderr)
-        return 2
     t0 = time.perf_counter()
-    try:
-        info = convert_checkpoint(
-            src, dst, args.dtype, max_shard_size=args.max_shard_size, ignore=args.ignore
-        )
-    except (LoadError, PickleCheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    info = convert_checkpoint(
+        src, dst, args.dtype, max_shard_size=args.max_shard_size, ignore=args.ignore, overwrite=args.overwrite
+    )
     for n in info.notices:
         print(f"note: {n}")
     print(

@@ -8,6 +8,9 @@ write, so peak memory is about one tensor (plus the main tensors that redundant 
 against, e.g. DeepSeek's MTP embed/head copies), never the model. A 671B FP8 checkpoint converts on a
 machine with a few GB of RAM. No ``quantization_config`` is written; tokenizer files (data only,
 never code) are copied from the source.
+
+Nothing is lost on an error or a kill: every check runs before the destination is touched, and the
+output is staged beside it and swapped in whole (`widemoe.hf.staging`).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import torch
 
 from widemoe.hf.families.base import Slot
 from widemoe.hf.loader import resolve_dtype
-from widemoe.hf.plan import LoadError, LoadPlan, model_targets, plan_load, read_source, target_shapes
-from widemoe.hf.safetensors_io import OpenFiles, Pending, read_tensor, write_sharded
-from widemoe.hf.saver import dtype_name, write_metadata, write_tokenizer
-from widemoe.hf.source import CheckpointSource, open_checkpoint
+from widemoe.hf.plan import LoadPlan, check_patterns, model_targets, read_source, target_shapes
+from widemoe.hf.safetensors_io import OpenFiles, Pending, parse_size, write_sharded
+from widemoe.hf.saver import TOKENIZER_FILES, dtype_name, write_metadata, write_tokenizer
+from widemoe.hf.source import CheckpointSource, account_checkpoint, open_checkpoint
+from widemoe.hf.staging import check_destination, staged_directory
 
 
 @dataclass
@@ -61,23 +65,6 @@ class _Producer:
             self.cache[slot.target] = self(whole, dtype)
         return slot.view(self.cache[slot.target])
 
-    def verified_copies(self, copies: list[tuple[str, str]]) -> list[Pending]:
-        """The redundant copies, verified against their main tensors, then written from the main ones."""
-        if not copies:
-            return []
-        mains = {of: self(Slot(of), self.targets[of].dtype) for _, of in copies}
-        bad = [
-            f"{v.info.key}: differs from {v.of} (expected an identical copy)"
-            for v in self.plan.verifies
-            if not torch.equal(
-                read_tensor(v.info, self.files(v.info.file)).to(mains[v.of].dtype), mains[v.of]
-            )
-        ]
-        if bad:
-            raise LoadError(str(self.src.path), [], [], [], bad)
-        self.plan.report.verified_copies = [v.info.key for v in self.plan.verifies]
-        return [Pending.of(key, mains[of]) for key, of in copies]
-
 
 def convert_checkpoint(
     src: str | Path,
@@ -86,39 +73,41 @@ def convert_checkpoint(
     *,
     max_shard_size: int | str = "5GB",
     ignore: list[str] | tuple[str, ...] = (),
+    overwrite: bool = False,
 ) -> ConvertSummary:
-    """Stream-convert HF directory ``src`` into ``dst`` (see the module docstring)."""
+    """Stream-convert HF directory ``src`` into ``dst`` (see the module docstring).
+
+    Everything is checked before ``dst`` is touched: the options, the destination
+    (`widemoe.hf.staging.check_destination`: a non-empty ``dst`` needs ``overwrite=True``, which
+    replaces its model files and keeps the rest) and the source's accounting. The output is written
+    into a temporary directory beside ``dst`` and swapped in only when complete, so a failure or a
+    kill leaves ``dst`` exactly as it was.
+    """
     from widemoe.model.causal_lm import build_model  # the model layer, on meta: no weights
 
+    limit = parse_size(max_shard_size)
+    check_patterns(ignore)
     source, dst = open_checkpoint(src), Path(dst)
+    check_destination(dst, source.path, overwrite=overwrite)
     cfg, adapter = source.cfg, source.adapter
     dt = resolve_dtype(dtype, source.hf)
-    targets = model_targets(
-        build_model(cfg, device="meta").to(dt)
-    )  # the router stays fp32, as in a loaded model
-    plan = plan_load(
-        cfg,
-        target_shapes(targets),
-        source.table,
-        adapter=adapter,
-        fp8=source.fp8,
-        ignore=ignore,
-        path=str(source.path),
-    )
+    targets = model_targets(build_model(cfg, device="meta").to(dt))  # the router stays fp32
+    plan = account_checkpoint(source, target_shapes(targets), ignore=ignore)
     produce = _Producer(source, plan, targets)
     layout = adapter.layouts[0]
+    hf = adapter.config_file(cfg, dtype=dtype_name(dt), layout=layout)  # raises before any write
     items: list[Pending] = []
     for name, t in targets.items():
         for key, slot in adapter.target_keys(name, tuple(t.shape), cfg, layout):
             make = lambda slot=slot, d=t.dtype: produce(slot, d)  # noqa: E731
             items.append(Pending(key, t.dtype, slot.shape(tuple(t.shape)), make))
-    try:
-        items += produce.verified_copies(adapter.redundant_keys(cfg))
-        shards = write_sharded(dst, items, max_shard_size)
-    finally:
-        produce.files.close()
-    write_metadata(dst, adapter.config_file(cfg, dtype=dtype_name(dt), layout=layout), cfg)
-    write_tokenizer(source.path, dst, cfg)
+    for key, of in adapter.redundant_keys(cfg):  # verified by the accounting; written from the main
+        t = targets[of]
+        items.append(Pending(key, t.dtype, tuple(t.shape), lambda of=of, d=t.dtype: produce(Slot(of), d)))
+    with staged_directory(dst, TOKENIZER_FILES) as tmp, produce.files:
+        shards = write_sharded(tmp, items, limit)
+        write_metadata(tmp, hf, cfg)
+        write_tokenizer(source.path, tmp, cfg)
     report = plan.report
     return ConvertSummary(
         family=cfg.model_type,

@@ -1,10 +1,13 @@
 """What a Hugging Face MoE checkpoint holds, without reading its weights (``widemoe inspect``).
 
-Reads config.json and the safetensors headers only (no tensor data), then describes: the family, the
-routing and attention setup, a layer table, dtypes and bytes on disk, MTP modules (where the family
-stores them), quantisation, and anything odd: config notices (ignored remote code, unused fields) and
-a dry run of the loader's strict accounting against the model built on ``meta`` (missing /
-unexpected / mis-shaped tensors). Parameter counts come from `widemoe.cost` in the command.
+Reads config.json and the safetensors headers (tensor data only to verify redundant copies such as
+DeepSeek's MTP embed/head, in bounded chunks), then describes: the family, the routing and attention
+setup, a layer table, dtypes and bytes on disk, MTP modules (where the family stores them),
+quantisation, and anything odd: config notices (ignored remote code, unused fields) and the loader's
+own accounting (`widemoe.hf.source.account_checkpoint`, the one function the loader and the converter
+run) against the model built on ``meta``: missing / unexpected / mis-shaped tensors, differing copies.
+"accounting OK" therefore means the directory loads. Parameter counts come from `widemoe.cost` in the
+command.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from widemoe.config import ModelConfig
+from widemoe.hf.errors import LoadError
 from widemoe.hf.families.base import FamilyAdapter
-from widemoe.hf.plan import LoadError, model_targets, plan_load, target_shapes
-from widemoe.hf.source import CheckpointSource, open_checkpoint
+from widemoe.hf.plan import model_targets, target_shapes
+from widemoe.hf.source import CheckpointSource, account_checkpoint, open_checkpoint
 
 
 def fmt_bytes(n: float) -> str:
@@ -112,8 +116,8 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
     insp.body += [f"    {rng:>{w}}  {attn:<12} {ffn}" for rng, attn, ffn in rows]
     odd = list(src.notices)  # the MTP line above already says when MTP weights are absent
     targets = target_shapes(model_targets(build_model(src.cfg, device="meta")))
-    try:
-        plan_load(src.cfg, targets, src.table, adapter=src.adapter, fp8=src.fp8, path=str(src.path))
+    try:  # the loader's own accounting (copies verified too): inspect says OK exactly when it loads
+        account_checkpoint(src, targets)
     except LoadError as e:
         insp.ok = False
         odd.append(str(e))

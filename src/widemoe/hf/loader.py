@@ -27,27 +27,9 @@ from torch import nn
 
 from widemoe.config import ModelConfig
 from widemoe.hf import fp8 as fp8mod
-from widemoe.hf.plan import (
-    LoadError,
-    LoadReport,
-    Read,
-    Verify,
-    model_targets,
-    plan_load,
-    read_source,
-    target_shapes,
-)
-from widemoe.hf.registry import adapter_for_config
-from widemoe.hf.safetensors_io import (
-    OpenFiles,
-    TensorInfo,
-    find_weight_files,
-    read_hf_config,
-    read_into,
-    read_tensor,
-    read_tensor_table,
-)
-from widemoe.hf.source import open_checkpoint
+from widemoe.hf.plan import LoadReport, Read, model_targets, read_source, target_shapes
+from widemoe.hf.safetensors_io import OpenFiles, read_into, read_tensor
+from widemoe.hf.source import CheckpointSource, account_checkpoint, open_checkpoint
 
 log = logging.getLogger("widemoe.hf")
 
@@ -61,16 +43,15 @@ def _by_file(items: Iterable[Any]) -> list[Any]:
 def execute_load(
     targets: dict[str, torch.Tensor],
     reads: list[Read],
-    verifies: list[Verify],
     report: LoadReport,
     *,
     fp8: fp8mod.Fp8Spec | None = None,
 ) -> LoadReport:
-    """Fill ``targets`` (name -> preallocated tensor) from the planned reads, file by file."""
+    """Fill ``targets`` (name -> preallocated tensor) from the planned reads, file by file (the
+    redundant copies were verified by the accounting)."""
     t0 = time.perf_counter()
     for name in report.zero_filled:
         targets[name].zero_()
-    bad = []
     with OpenFiles() as files:
         for r in _by_file(reads):
             dst = r.slot.view(targets[r.slot.target])
@@ -90,16 +71,6 @@ def execute_load(
             report.dequantized += int(r.fmt != "plain")
             report.tensors_read += 1
             report.bytes_read += r.nbytes
-        for v in _by_file(verifies):
-            main = targets[v.of]
-            copy = read_tensor(v.info, files(v.info.file)).to(main.dtype)
-            report.bytes_read += v.info.end - v.info.start
-            if not torch.equal(copy, main):
-                bad.append(f"{v.info.key}: differs from {v.of} (expected an identical copy)")
-            else:
-                report.verified_copies.append(v.info.key)
-    if bad:
-        raise LoadError(report.path, [], [], [], bad)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -110,27 +81,15 @@ def load_into(
     cfg: ModelConfig | None = None,
     *,
     ignore: Iterable[str] = (),
-    hf_config: dict[str, Any] | None = None,
-    table: dict[str, TensorInfo] | None = None,
+    source: CheckpointSource | None = None,
 ) -> LoadReport:
-    """Load the weights of HF directory ``path`` into an allocated ``model`` (strict accounting)."""
-    path = Path(path)
-    hf = hf_config if hf_config is not None else read_hf_config(path)
-    cfg = cfg if cfg is not None else model.config  # type: ignore[assignment]
-    fp8 = fp8mod.parse_quantization_config(hf.get("quantization_config"), source=str(path / "config.json"))
-    if table is None:
-        table = read_tensor_table(path, find_weight_files(path))
+    """Load the weights of HF directory ``path`` into an allocated ``model`` (strict accounting:
+    `widemoe.hf.source.account_checkpoint`, the same check `inspect` and `convert` run)."""
+    src = source if source is not None else open_checkpoint(path)
     targets = model_targets(model)
-    plan = plan_load(
-        cfg,
-        target_shapes(targets),
-        table,
-        adapter=adapter_for_config(cfg),
-        fp8=fp8,
-        ignore=ignore,
-        path=str(path),
-    )
-    return execute_load(targets, plan.reads, plan.verifies, plan.report, fp8=fp8)
+    cfg = cfg if cfg is not None else model.config  # type: ignore[assignment]
+    plan = account_checkpoint(src, target_shapes(targets), cfg=cfg, ignore=ignore)
+    return execute_load(targets, plan.reads, plan.report, fp8=src.fp8)
 
 
 @contextlib.contextmanager
@@ -214,7 +173,7 @@ def load_pretrained(
         model = model_cls(src.cfg)
     model.to(dt)  # params are meta (free); the model's own rules keep the router fp32
     allocate_empty(model, device)
-    report = load_into(model, src.path, src.cfg, ignore=ignore, hf_config=src.hf, table=src.table)
+    report = load_into(model, src.path, src.cfg, ignore=ignore, source=src)
     report.notices = notices + report.notices
     report.family = src.cfg.model_type
     model.load_report = report  # type: ignore[attr-defined]

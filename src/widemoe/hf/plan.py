@@ -24,39 +24,13 @@ from torch import nn
 from widemoe.config import ModelConfig
 from widemoe.hf import fp4 as fp4mod
 from widemoe.hf import fp8 as fp8mod
+from widemoe.hf.errors import LoadError
 from widemoe.hf.families.base import FamilyAdapter, Redundant, Slot
 from widemoe.hf.safetensors_io import TensorInfo, read_tensor
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _PACKED = (torch.int8, torch.uint8)
 TargetShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype)
-
-
-class LoadError(ValueError):
-    """Strict accounting failed: the message lists every offending key."""
-
-    def __init__(
-        self,
-        path: str,
-        missing: list[str],
-        unexpected: list[str],
-        mismatched: list[str],
-        other: list[str] | None = None,
-    ) -> None:
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        self.other = other or []
-        parts = [f"{path}: checkpoint does not match the model"]
-        for title, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches (key: expected vs found)", mismatched),
-            ("other problems", self.other),
-        ):
-            if items:
-                shown = items[:40] + ([f"... and {len(items) - 40} more"] if len(items) > 40 else [])
-                parts.append(f"{len(items)} {title}:\n  " + "\n  ".join(shown))
-        parts.append("Pass ignore=[regex, ...] (CLI: --ignore) only for keys you mean to skip.")
-        super().__init__("\n".join(parts))
 
 
 @dataclass
@@ -114,11 +88,24 @@ def read_source(
     return fp4mod.dequantize_fp4(t, scale, dtype)
 
 
+def check_patterns(ignore: Iterable[str]) -> list[re.Pattern[str]]:
+    """The ``ignore`` regular expressions, compiled; a bad one is a ValueError naming it."""
+    out = []
+    for p in ignore:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(
+                f"ignore pattern {p!r} (--ignore): not a valid regular expression ({e})"
+            ) from None
+    return out
+
+
 class _Books:
     """The running account of one plan: problems by kind, what each destination was written by."""
 
     def __init__(self, ignore: Iterable[str], path: str, family: str) -> None:
-        self.pats = [re.compile(p) for p in ignore]
+        self.pats = check_patterns(ignore)
         self.report = LoadReport(path, family=family)
         self.missing: list[str] = []
         self.unexpected: list[str] = []
@@ -226,6 +213,10 @@ def _plan_source(
         return None
     want = dest.shape(shape)
     fmt = _quant_format(info, dtype, adapter)
+    if fmt == "plain" and info.dtype.is_floating_point != dtype.is_floating_point:
+        kind = "a floating-point" if dtype.is_floating_point else "an integer"
+        books.mismatched.append(f"{key}: expected {kind} tensor vs found {str(info.dtype)[6:]}")
+        return None
     got = fp4mod.unpacked_shape(info.shape) if fmt == "fp4" else info.shape
     if tuple(got) != tuple(want):
         note = " (FP4: two values per byte)" if fmt == "fp4" else ""
@@ -289,6 +280,50 @@ def plan_load(
     return LoadPlan(reads, verifies, books.report)
 
 
+_CHUNK = 64 * 2**20  # bytes compared at a time when a copy is verified
+
+
+def _same_bytes(a: TensorInfo, b: TensorInfo, files: Callable[[Any], Any]) -> bool:
+    """Whether two stored tensors of one dtype and shape are bit-identical (read in bounded chunks)."""
+    fa, fb = files(a.file), files(b.file)
+    for off in range(0, a.end - a.start, _CHUNK):
+        n = min(_CHUNK, a.end - a.start - off)
+        fa.seek(a.start + off)
+        chunk = fa.read(n)  # read before seeking again: both may be the same handle
+        fb.seek(b.start + off)
+        if chunk != fb.read(n):
+            return False
+    return True
+
+
+def _main_fp32(of: str, plan: LoadPlan, shape: tuple[int, ...], files: Any, fp8: Any) -> torch.Tensor:
+    """The tensor ``of`` as the plan would load it, in fp32 (exact for every source dtype)."""
+    out = torch.zeros(shape, dtype=torch.float32)
+    for r in plan.reads:
+        if r.slot.target == of:
+            r.slot.view(out).copy_(read_source(r, files, fp8, torch.float32))
+    return out
+
+
+def verify_copies(
+    plan: LoadPlan, targets: TargetShapes, files: Callable[[Any], Any], fp8: fp8mod.Fp8Spec | None
+) -> list[str]:
+    """The redundant copies (DeepSeek MTP embed/head, a tied lm_head) that differ from their main
+    tensor as stored, one problem line each. Independent of the dtype the model is loaded in."""
+    bad = []
+    whole = {r.slot.target: r for r in plan.reads if r.slot == Slot(r.slot.target)}
+    for v in plan.verifies:
+        r = whole.get(v.of)
+        if r is not None and r.fmt == "plain" and r.info.dtype == v.info.dtype:
+            same = _same_bytes(v.info, r.info, files)
+        else:
+            main = _main_fp32(v.of, plan, targets[v.of][0], files, fp8)
+            same = torch.equal(read_tensor(v.info, files(v.info.file)).float(), main)
+        if not same:
+            bad.append(f"{v.info.key}: differs from {v.of} (expected an identical copy)")
+    return bad
+
+
 def model_targets(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers by state_dict name, aliases (tied weights) listed once."""
     seen: set[int] = set()
@@ -329,9 +364,11 @@ __all__ = [
     "LoadReport",
     "Read",
     "Verify",
+    "check_patterns",
     "drop_absent_mtp",
     "model_targets",
     "plan_load",
     "read_source",
     "target_shapes",
+    "verify_copies",
 ]

@@ -21,6 +21,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from widemoe.hf.errors import DamagedCheckpointError, PickleCheckpointError
+
 ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -39,11 +41,11 @@ if hasattr(torch, "float8_e8m0fnu"):
     ST_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _PICKLE_GLOBS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Pickles beside the weights that hold training state, not weights (widemoe's and transformers' Trainer).
+_STATE_PICKLES = re.compile(
+    r"^(trainer_state\.pt|training_args\.bin|optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth)$"
+)
 _MAX_HEADER = 100 * 2**20
-
-
-class PickleCheckpointError(ValueError):
-    """The directory holds only pickle weights, which widemoe never loads."""
 
 
 @dataclass(frozen=True)
@@ -60,37 +62,74 @@ class TensorInfo:
 # safetensors reading
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Tensor table of one safetensors file, validated (dtype known, offsets inside the file)."""
-    size = path.stat().st_size
+def _raw_header(path: Path) -> tuple[Any, int, int]:
+    """(parsed JSON header, data start, file size) of one safetensors file; damage is named."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DamagedCheckpointError(f"{path}: missing (the directory lists it but it was deleted)") from None
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise DamagedCheckpointError(
+                f"{path}: truncated: {size} bytes, shorter than a safetensors header length (8 bytes)"
+            )
         (n,) = struct.unpack("<Q", raw)
-        if n > min(_MAX_HEADER, size - 8):
-            raise ValueError(f"{path}: not a safetensors file (header length {n} exceeds the file)")
+        if n > _MAX_HEADER:
+            raise DamagedCheckpointError(
+                f"{path}: not a safetensors file (header length {n} is over {_MAX_HEADER} bytes)"
+            )
+        if 8 + n > size:
+            raise DamagedCheckpointError(
+                f"{path}: truncated: header says its JSON header is {n} bytes, file has {size - 8} "
+                "after the length field"
+            )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    base = 8 + n
-    out: dict[str, TensorInfo] = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
+            raise DamagedCheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise DamagedCheckpointError(f"{path}: safetensors header is not a JSON object")
+    return header, 8 + n, size
+
+
+def _tensor_info(path: Path, key: str, meta: Any, base: int) -> TensorInfo:
+    """One header entry, checked: known dtype, integer shape, offsets that match the shape."""
+    try:
         dt = ST_DTYPES.get(meta.get("dtype"))
         if dt is None:
-            raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {meta.get('dtype')!r}")
+            raise DamagedCheckpointError(
+                f"{path}: tensor {key!r} has unsupported dtype {meta.get('dtype')!r}"
+            )
         shape = tuple(int(s) for s in meta["shape"])
         s0, s1 = (int(o) for o in meta["data_offsets"])
-        nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-        if s1 - s0 != nbytes or s0 < 0 or base + s1 > size:
-            raise ValueError(
-                f"{path}: tensor {key!r} has data_offsets {[s0, s1]} inconsistent with its shape "
-                f"{list(shape)} or the file size"
-            )
-        out[key] = TensorInfo(path, key, dt, shape, base + s0, base + s1)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, DamagedCheckpointError):
+            raise
+        raise DamagedCheckpointError(
+            f"{path}: tensor {key!r} has a malformed header entry (need dtype, shape, data_offsets: "
+            f"{type(e).__name__}: {e})"
+        ) from None
+    nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+    if s1 - s0 != nbytes or s0 < 0 or min(shape, default=0) < 0:
+        raise DamagedCheckpointError(
+            f"{path}: tensor {key!r} has data_offsets {[s0, s1]} inconsistent with its shape {list(shape)}"
+        )
+    return TensorInfo(path, key, dt, shape, base + s0, base + s1)
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Tensor table of one safetensors file, validated (dtype known, offsets inside the file).
+
+    A missing, truncated or malformed file raises `DamagedCheckpointError` naming the file and the
+    damage (``<file>: truncated: header says 1234 bytes of tensor data, file has 1000``)."""
+    header, base, size = _raw_header(path)
+    out = {key: _tensor_info(path, key, meta, base) for key, meta in header.items() if key != "__metadata__"}
+    data = max((info.end for info in out.values()), default=base) - base
+    if base + data > size:
+        raise DamagedCheckpointError(
+            f"{path}: truncated: header says {data} bytes of tensor data, file has {size - base}"
+        )
     return out
 
 
@@ -102,7 +141,10 @@ def read_into(info: TensorInfo, out: torch.Tensor, fh: Any) -> None:
     while pos < n:  # raw reads may return short counts
         got = fh.readinto(buf[pos:])
         if not got:
-            raise OSError(f"{info.file}: unexpected end of file reading {info.key!r}")
+            raise DamagedCheckpointError(
+                f"{info.file}: truncated: ends at byte {info.start + pos} while reading {info.key!r} "
+                f"(bytes {info.start}-{info.end})"
+            )
         pos += got
 
 
@@ -112,26 +154,43 @@ def read_tensor(info: TensorInfo, fh: Any) -> torch.Tensor:
     return t
 
 
+def _read_index(index: Path) -> dict[str, str]:
+    """The weight_map of model.safetensors.index.json (key -> shard name), checked."""
+    try:
+        wm = json.loads(index.read_text())["weight_map"]
+    except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedCheckpointError(
+            f"{index}: not a valid safetensors index ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise DamagedCheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+    for name in set(wm.values()):
+        if Path(name).name != name or not name.endswith(".safetensors"):
+            raise DamagedCheckpointError(
+                f"{index}: shard name {name!r} must be a plain .safetensors file name in the directory"
+            )
+    return wm
+
+
 def find_weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a model directory; pickle-only directories are refused."""
+    """The safetensors files of a model directory; pickle-only directories are refused, and a shard
+    that the index lists but that is gone is named (`DamagedCheckpointError`)."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (KeyError, json.JSONDecodeError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        wm = _read_index(index)
         names = sorted(set(wm.values()))
         for name in names:
-            if Path(name).name != name or not name.endswith(".safetensors"):
-                raise ValueError(
-                    f"{index}: shard name {name!r} must be a plain .safetensors file name in the directory"
-                )
             if not (path / name).exists():
-                raise FileNotFoundError(f"{index}: shard {name!r} listed in weight_map does not exist")
+                n = sum(v == name for v in wm.values())
+                raise DamagedCheckpointError(
+                    f"{path / name}: missing (listed in {index.name}'s weight_map for {n} tensors)"
+                )
         return [path / n for n in names]
     if (path / "model.safetensors").exists():
         return [path / "model.safetensors"]
-    pickles = [p.name for g in _PICKLE_GLOBS for p in sorted(path.glob(g))]
+    pickles = [
+        p.name for g in _PICKLE_GLOBS for p in sorted(path.glob(g)) if not _STATE_PICKLES.match(p.name)
+    ]
     if pickles:
         raise PickleCheckpointError(
             f"{path}: only pickle checkpoints found ({', '.join(pickles[:4])}); widemoe never unpickles "
@@ -145,6 +204,11 @@ def find_weight_files(path: Path) -> list[Path]:
             f"{path}: no model.safetensors or model.safetensors.index.json (found "
             f"{', '.join(others[:4])}; name it model.safetensors or add an index)"
         )
+    state = sorted(p.name for p in path.iterdir() if _STATE_PICKLES.match(p.name) or p.name == "COMMITTED")
+    if state:  # a training checkpoint whose weights are gone
+        raise DamagedCheckpointError(
+            f"{path / 'model.safetensors'}: missing (the checkpoint has {', '.join(state)} but no weights)"
+        )
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
@@ -153,16 +217,15 @@ def read_tensor_table(path: Path, files: list[Path]) -> dict[str, TensorInfo]:
     for f in files:
         for key, info in read_safetensors_header(f).items():
             if key in table:
-                raise ValueError(
+                raise DamagedCheckpointError(
                     f"{path}: tensor {key!r} appears in both {table[key].file.name} and {f.name}"
                 )
             table[key] = info
     index = path / "model.safetensors.index.json"
     if index.exists():
-        wm = json.loads(index.read_text())["weight_map"]
-        for key, name in wm.items():
+        for key, name in _read_index(index).items():
             if key not in table or table[key].file.name != name:
-                raise ValueError(
+                raise DamagedCheckpointError(
                     f"{index}: weight_map says {key!r} is in {name}, but that shard does not hold it"
                 )
     return table
@@ -216,13 +279,22 @@ _OUR_FILES = re.compile(
 )
 
 
+def is_weight_file(name: str) -> bool:
+    """A file name that `write_sharded` writes (and replaces): weights, shards, the index."""
+    return bool(_OUR_FILES.match(name))
+
+
 def parse_size(size: int | str) -> int:
     """``5GB`` / ``500MB`` / ``2GiB`` / an int of bytes."""
-    if isinstance(size, int):
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size={size!r}: expected a positive byte count")
         return size
+    if not isinstance(size, str):
+        raise ValueError(f"max_shard_size={size!r}: expected a byte count like '5GB' or an int")
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.I)
-    if not m:
-        raise ValueError(f"max_shard_size={size!r}: expected a byte count like '5GB' or '500MB'")
+    if not m or float(m[1]) <= 0:
+        raise ValueError(f"max_shard_size={size!r}: expected a positive byte count like '5GB' or '500MB'")
     unit = (m[2] or "B").upper()
     mult = {
         "B": 1,
@@ -293,7 +365,7 @@ def write_sharded(path: Path, items: list[Pending], max_shard_size: int | str) -
     """Write ``items`` as model.safetensors, or shards + model.safetensors.index.json; returns the count."""
     path.mkdir(parents=True, exist_ok=True)
     for old in path.iterdir():  # stale shards of an earlier save would confuse readers
-        if _OUR_FILES.match(old.name):
+        if is_weight_file(old.name):
             old.unlink()
     limit = parse_size(max_shard_size)
     shards: list[list[Pending]] = [[]]
@@ -324,11 +396,13 @@ def write_sharded(path: Path, items: list[Pending], max_shard_size: int | str) -
 
 __all__ = [
     "ST_DTYPES",
+    "DamagedCheckpointError",
     "OpenFiles",
     "Pending",
     "PickleCheckpointError",
     "TensorInfo",
     "find_weight_files",
+    "is_weight_file",
     "parse_size",
     "read_hf_config",
     "read_into",
