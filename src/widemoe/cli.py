@@ -5,8 +5,10 @@ imports are deferred to the chosen command where they are heavy (torch, transfor
 
 Library code raises exceptions, never `SystemExit`. The library's error types (`ConfigError`,
 `SpecError`, `TokenizerError`, `LoadError`, `CostError`, `ReportError`, ...) are `ValueError`s;
-`main` turns those and a missing file into `error: <message>` on stderr and exit status 1. Any other
-exception is a bug and keeps its traceback.
+`main` turns those, an `OSError` (a missing, unreadable or mistyped path) and a damaged safetensors
+file into one line `error: <message>` on stderr and exit status 2 (`USER_ERRORS`); argparse's usage
+errors exit 2 too, Ctrl-C 130 (the statuses: `widemoe.commands.errors`). Any other exception is a
+bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import importlib
 import sys
 
 from widemoe import __version__
+from widemoe.commands.errors import EXIT_ERROR, EXIT_INTERRUPTED, USER_ERRORS, one_line
 
-# What a user can cause and fix (a wrong spec, a missing file): a message, not a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError)
 # Subcommands in the order `widemoe --help` lists them.
 COMMANDS = ("train", "generate", "report", "inspect", "convert", "cost")
 
@@ -40,14 +41,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_ERROR
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except USER_ERRORS as e:
-        raise SystemExit(f"error: {e}") from None
+        message = one_line(e)
+        print(f"error: {message}", file=sys.stderr)
+        raise ErrorExit(message) from None
+
+
+class ErrorExit(SystemExit):
+    """Exit status 2, raised once `error: <message>` is on stderr; `str()` is the message (what a
+    caller of `main` in-process can match)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = EXIT_ERROR
 
 
 if __name__ == "__main__":
