@@ -275,3 +275,14 @@ def test_accepted_values_are_normalised_as_before(tmp_path):
         p = get_preset(name)
         assert ModelConfig.from_dict(json.loads(json.dumps(p.to_dict()))) == p
         assert ModelConfig.from_dict(json.loads(json.dumps(p.to_dict()))).to_dict() == p.to_dict()
+
+
+def test_hf_required_field_given_as_null_names_the_type(tmp_path):
+    hf = model_config_to_hf(get_preset("micro"))
+    hf["num_hidden_layers"] = None
+    message = r"ck/config.json: num_hidden_layers=None must be an integer, not null"
+    with pytest.raises(ConfigError, match=message):
+        hf_to_model_config(hf, source="ck/config.json")
+    del hf["num_hidden_layers"]
+    with pytest.raises(ConfigError, match=r"ck/config.json: required field 'num_hidden_layers' is missing"):
+        hf_to_model_config(hf, source="ck/config.json")

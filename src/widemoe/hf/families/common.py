@@ -59,6 +59,8 @@ class HfFields:
                 self.used.add(k)
                 return self.typed(key, self.hf[k], k)
         if required:
+            if self.hf.get(key, 0) is None and key in _FIELDS:  # present as null: the typed message
+                check_field_value(key, None, source=self.source)
             raise ConfigError(f"{self.source}: required field {key!r} is missing or null ({self.family})")
         return self.defaults.get(key)
 
