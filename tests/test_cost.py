@@ -368,3 +368,15 @@ def test_cli_plot(tmp_path, capsys) -> None:
     path = tmp_path / "p.png"
     rc, _, _ = _run(["--plot", str(path)], capsys)
     assert rc == 0 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_compare_prints_long_model_names_whole(tmp_path, capsys) -> None:
+    deep = tmp_path / "a-directory-with-a-rather-long-name" / "and-another-one-below-it"
+    deep.mkdir(parents=True)
+    cfg = deep / "micro-with-a-long-file-name.json"
+    cfg.write_text('{"preset": "micro"}')
+    assert len(str(cfg)) > 80
+    rc, out, _ = _run(["--compare", str(cfg), "micro"], capsys)
+    assert rc == 0 and str(cfg) in out
+    rc, out, _ = _run([str(cfg), "--dense", "1T"], capsys)
+    assert rc == 0 and str(cfg) in out

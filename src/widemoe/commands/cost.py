@@ -15,6 +15,7 @@ import json
 import sys
 from typing import Any
 
+from widemoe.commands.errors import report_error
 from widemoe.config import ConfigError
 from widemoe.cost import (
     BYTES,
@@ -33,6 +34,8 @@ from widemoe.cost import (
     v3_implied_mfu,
 )
 from widemoe.presets import PRESET_NAMES
+
+UNBOUNDED_WIDTH = 10_000  # columns for output that is not a terminal
 
 
 def add_parser(subparsers: Any) -> None:
@@ -127,8 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
             plot_presets(args.plot)
     except (CostError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     if args.json:
         out: dict[str, Any] = {"options": o.__dict__, "models": dict(zip(names, sums)), "dense": dense_sums}
         if args.published:
@@ -136,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
             out["deepseek_v3_implied_mfu"] = v3_implied_mfu()
         print(json.dumps(out, indent=2))
         return 0
-    console = Console()
+    # Not a terminal (a file, a pipe, a test): rich would wrap and cut at 80 columns; tables keep their
+    # natural width instead, so model names (config paths) come out whole.
+    console = Console() if sys.stdout.isatty() else Console(width=UNBOUNDED_WIDTH)
     if len(configs) == 1 and not args.compare:
         render_one(console, names[0], configs[0], sums[0])
         if dense_sums:

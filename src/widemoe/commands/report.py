@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from widemoe.commands.errors import report_error
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,8 +27,7 @@ def run(args: argparse.Namespace) -> int:
         paths = build_report(args.run_dir, out_dir=args.out, embed=args.embed)
         text = None if args.quiet else summary_text(args.run_dir)
     except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     if text:
         print(text)
         print()

@@ -23,7 +23,8 @@ def _table(title: str, rows: list[Row], header: Row = ("quantity", "value", "not
     t = Table(title=title, title_justify="left", show_lines=False)
     for i, h in enumerate(header):
         text = i == 0 or h in ("note", "status", "quantity (convention)")
-        t.add_column(h, justify="left" if text else "right")
+        # fold, not cut: a model name may be a long config path (on a narrow terminal it wraps)
+        t.add_column(h, justify="left" if text else "right", overflow="fold")
     for r in rows:
         t.add_row(*r)
     return t
