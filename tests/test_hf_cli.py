@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from widemoe.cli import main
-from widemoe.hf import load_pretrained, save_pretrained
+from widemoe.hf import LoadError, convert_checkpoint, load_pretrained, save_pretrained
 from widemoe.hf.fp8 import dequantize, quantize
 from widemoe.hf.safetensors_io import read_safetensors_header
 from widemoe.model.causal_lm import build_model
@@ -92,3 +93,60 @@ def test_inspect_fails_on_a_directory_that_would_not_load(tmp_path, capsys) -> N
     save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
     assert main(["inspect", str(src)]) == 1
     assert "model.layers.2.mlp.experts.5.gate_proj.weight" in capsys.readouterr().out
+
+
+def _micro_dir(tmp_path, edit):
+    """A micro checkpoint saved by widemoe, then edited (``edit(state_dict)``)."""
+    src = tmp_path / "src"
+    save_pretrained(build_model(get_preset("micro", vocab_size=64), seed=1), src)
+    sd = load_file(src / "model.safetensors")
+    edit(sd)
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    return src
+
+
+_L = get_preset("micro").num_hidden_layers
+_BROKEN = {  # how the directory is broken -> the key every reader must name
+    "extra": (lambda sd: sd.update({"model.extra.weight": torch.zeros(4)}), "model.extra.weight"),
+    "missing": (lambda sd: sd.pop("model.norm.weight"), "model.norm.weight"),
+    "shape": (
+        lambda sd: sd.update({"model.layers.0.self_attn.o_proj.weight": torch.zeros(64, 60)}),
+        "model.layers.0.self_attn.o_proj.weight",
+    ),
+    "copy differs": (
+        lambda sd: sd[f"model.layers.{_L}.embed_tokens.weight"].add_(1.0),
+        f"model.layers.{_L}.embed_tokens.weight",
+    ),
+    "integer data": (
+        lambda sd: sd.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)}),
+        "model.norm.weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", list(_BROKEN))
+def test_inspect_load_and_convert_agree(tmp_path, capsys, how) -> None:
+    """inspect says "accounting OK" exactly when the loader loads: all three run one accounting."""
+    edit, key = _BROKEN[how]
+    src = _micro_dir(tmp_path, edit)
+    assert main(["inspect", str(src)]) == 1
+    out = capsys.readouterr().out
+    assert "accounting    FAILS" in out and key in out
+    with pytest.raises(LoadError) as loaded:
+        load_pretrained(src)
+    with pytest.raises(LoadError) as converted:
+        convert_checkpoint(src, tmp_path / "dst")
+    assert str(loaded.value) == str(converted.value) and key in str(loaded.value)
+    assert str(loaded.value) in out  # inspect prints the loader's own message
+    assert not (tmp_path / "dst").exists()
+
+
+def test_inspect_names_a_truncated_file(tmp_path, capsys) -> None:
+    src = _micro_dir(tmp_path, lambda sd: None)
+    with open(src / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(SystemExit) as e:
+        main(["inspect", str(src)])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    assert f"{src / 'model.safetensors'}: truncated: header says" in err and "Traceback" not in err

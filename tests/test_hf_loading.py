@@ -10,7 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from widemoe.hf import LoadError, PickleCheckpointError, load_pretrained, save_pretrained
+from widemoe.hf import (
+    DamagedCheckpointError,
+    LoadError,
+    PickleCheckpointError,
+    load_into,
+    load_pretrained,
+    save_pretrained,
+)
 from widemoe.hf.fp8 import dequantize, parse_quantization_config, quantize
 from widemoe.hf.safetensors_io import read_safetensors_header
 from widemoe.model.causal_lm import build_model
@@ -278,3 +285,111 @@ def test_save_writes_tokenizer_files(saved, tmp_path) -> None:
     assert Tokenizer.from_file(str(tmp_path / "tokenizer.json")).token_to_id("t5") == 5
     conf = json.loads((tmp_path / "tokenizer_config.json").read_text())
     assert conf["eos_token"] == "t0" and conf["tokenizer_class"] == "PreTrainedTokenizerFast"
+
+
+# ------------------------------------------------------------------------------------------------ damaged
+
+
+def _damaged(saved, tmp_path, damage, **save_kw):
+    """A copy of the saved model, damaged by ``damage(dir)``; returns the directory."""
+    model, _ = saved
+    out = tmp_path / "damaged"
+    save_pretrained(model, out, **save_kw)
+    damage(out)
+    return out
+
+
+def _truncate(path, size: int) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def test_deleted_shard_is_named(saved, tmp_path) -> None:
+    out = _damaged(saved, tmp_path, lambda d: None, max_shard_size="60KB")
+    shards = sorted(
+        set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())
+    )
+    assert len(shards) > 2
+    (out / shards[1]).unlink()
+    with pytest.raises(DamagedCheckpointError, match=rf"{shards[1]}: missing \(listed in .* for \d+ tensors"):
+        load_pretrained(out)
+
+
+def test_truncated_data_names_file_and_sizes(saved, tmp_path) -> None:
+    size = {}
+
+    def cut(d):
+        size["full"] = (d / ST).stat().st_size
+        _truncate(d / ST, size["full"] - 1000)
+
+    out = _damaged(saved, tmp_path, cut)
+    base = 8 + int.from_bytes((out / ST).read_bytes()[:8], "little")
+    data = size["full"] - base
+    want = rf"{ST}: truncated: header says {data} bytes of tensor data, file has {data - 1000}$"
+    with pytest.raises(DamagedCheckpointError, match=want):
+        load_pretrained(out)
+
+
+@pytest.mark.parametrize(("size", "what"), [(0, "shorter than"), (5, "shorter than"), (40, "JSON header is")])
+def test_truncated_header_is_named(saved, tmp_path, size, what) -> None:
+    out = _damaged(saved, tmp_path, lambda d: _truncate(d / ST, size))
+    with pytest.raises(DamagedCheckpointError, match=rf"{ST}: truncated: .*{what}"):
+        load_pretrained(out)
+
+
+def test_malformed_header_entry_is_named_not_a_traceback(saved, tmp_path) -> None:
+    def edit(d):
+        raw = (d / ST).read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + n])
+        del header["model.norm.weight"]["shape"]
+        new = json.dumps(header, separators=(",", ":")).encode()
+        new += b" " * (n - len(new))  # same length: the data offsets stay right
+        (d / ST).write_bytes(raw[:8] + new + raw[8 + n :])
+
+    out = _damaged(saved, tmp_path, edit)
+    with pytest.raises(DamagedCheckpointError, match=r"tensor 'model\.norm\.weight' has a malformed header"):
+        load_pretrained(out)
+
+
+def test_file_cut_while_loading_is_named(saved, tmp_path) -> None:
+    from widemoe.hf.loader import allocate_empty, params_on_meta
+    from widemoe.hf.source import open_checkpoint
+    from widemoe.model.causal_lm import WideMoeForCausalLM
+
+    out = _damaged(saved, tmp_path, lambda d: None)
+    src = open_checkpoint(out)  # headers read while the file was whole
+    _truncate(out / ST, (out / ST).stat().st_size // 2)
+    with params_on_meta():
+        model = allocate_empty(WideMoeForCausalLM(src.cfg))
+    with pytest.raises(DamagedCheckpointError, match=rf"{ST}: truncated: ends at byte \d+ while reading"):
+        load_into(model, out, source=src)
+
+
+def test_checkpoint_without_its_weights_is_not_called_a_pickle_checkpoint(saved, tmp_path) -> None:
+    def strip(d):
+        (d / ST).unlink()
+        (d / "trainer_state.pt").write_bytes(b"not read")
+        (d / "COMMITTED").write_text("")
+
+    out = _damaged(saved, tmp_path, strip)
+    with pytest.raises(
+        DamagedCheckpointError, match=rf"{ST}: missing \(the checkpoint has COMMITTED, trainer_state\.pt"
+    ):
+        load_pretrained(out)
+
+
+def test_a_damaged_weight_file_is_a_load_error(saved, tmp_path) -> None:
+    """One type to catch for every refusal to load (a resume falls back on it)."""
+    out = _damaged(saved, tmp_path, lambda d: _truncate(d / ST, 100))
+    with pytest.raises(LoadError):
+        load_pretrained(out)
+
+
+def test_integer_data_for_a_float_parameter_is_a_mismatch(saved, tmp_path) -> None:
+    _, d = saved
+    _copy(d, tmp_path / "x", lambda sd: sd.update({"model.norm.weight": torch.ones(64, dtype=torch.int32)}))
+    with pytest.raises(
+        LoadError, match=r"model\.norm\.weight: expected a floating-point tensor vs found int32"
+    ):
+        load_pretrained(tmp_path / "x")

@@ -2,12 +2,15 @@
 mapping, key mapping, layouts), and generic pipelines that call it: strict loading (`loader`, with the
 accounting in `plan`), sharded saving (`saver`), streaming conversion (`convert`) and `inspect`.
 FP8/FP4 dequantisation in `fp8` / `fp4`, safetensors I/O in `safetensors_io`. See loader.py and
-saver.py for the guarantees (strict accounting, bounded memory, safetensors only)."""
+saver.py for the guarantees (strict accounting, bounded memory, safetensors only). Every refusal to load
+is a `LoadError` (a `ValueError`); `DamagedCheckpointError`, one of them, names a missing or truncated
+weight file."""
 
 from widemoe.hf.convert import ConvertSummary, convert_checkpoint
+from widemoe.hf.errors import DamagedCheckpointError, LoadError, PickleCheckpointError
 from widemoe.hf.inspect import Inspection, inspect_checkpoint
 from widemoe.hf.loader import load_into, load_pretrained
-from widemoe.hf.plan import LoadError, LoadReport
+from widemoe.hf.plan import LoadReport
 from widemoe.hf.registry import (
     adapter_for_config,
     adapter_for_hf,
@@ -16,7 +19,6 @@ from widemoe.hf.registry import (
     hf_to_model_config,
     model_config_to_hf,
 )
-from widemoe.hf.safetensors_io import PickleCheckpointError
 from widemoe.hf.saver import hf_tensors, save_pretrained
 
 FAMILIES = family_names()
@@ -24,6 +26,7 @@ FAMILIES = family_names()
 __all__ = [
     "FAMILIES",
     "ConvertSummary",
+    "DamagedCheckpointError",
     "Inspection",
     "LoadError",
     "LoadReport",

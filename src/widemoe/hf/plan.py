@@ -24,7 +24,7 @@ from torch import nn
 from widemoe.config import ModelConfig
 from widemoe.hf import fp4 as fp4mod
 from widemoe.hf import fp8 as fp8mod
-from widemoe.hf.errors import LoadError
+from widemoe.hf.errors import DamagedCheckpointError, LoadError
 from widemoe.hf.families.base import FamilyAdapter, Redundant, Slot
 from widemoe.hf.safetensors_io import TensorInfo, read_tensor
 
@@ -283,15 +283,25 @@ def plan_load(
 _CHUNK = 64 * 2**20  # bytes compared at a time when a copy is verified
 
 
+def _read_at(info: TensorInfo, fh: Any, off: int, n: int) -> bytes:
+    fh.seek(info.start + off)
+    got = b""
+    while len(got) < n:  # raw reads may return short counts
+        more = fh.read(n - len(got))
+        if not more:
+            raise DamagedCheckpointError(
+                f"{info.file}: truncated: ends at byte {info.start + off + len(got)} while reading "
+                f"{info.key!r} (bytes {info.start}-{info.end})"
+            )
+        got += more
+    return got
+
+
 def _same_bytes(a: TensorInfo, b: TensorInfo, files: Callable[[Any], Any]) -> bool:
     """Whether two stored tensors of one dtype and shape are bit-identical (read in bounded chunks)."""
-    fa, fb = files(a.file), files(b.file)
     for off in range(0, a.end - a.start, _CHUNK):
         n = min(_CHUNK, a.end - a.start - off)
-        fa.seek(a.start + off)
-        chunk = fa.read(n)  # read before seeking again: both may be the same handle
-        fb.seek(b.start + off)
-        if chunk != fb.read(n):
+        if _read_at(a, files(a.file), off, n) != _read_at(b, files(b.file), off, n):
             return False
     return True
 
