@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 
@@ -286,3 +287,12 @@ def test_hf_required_field_given_as_null_names_the_type(tmp_path):
     del hf["num_hidden_layers"]
     with pytest.raises(ConfigError, match=r"ck/config.json: required field 'num_hidden_layers' is missing"):
         hf_to_model_config(hf, source="ck/config.json")
+
+
+@pytest.mark.parametrize("value", [["micro"], 3, None, {"name": "micro"}])
+def test_preset_key_must_be_a_preset_name(value, tmp_path):
+    p = tmp_path / "m.json"
+    p.write_text(json.dumps({"preset": value, "hidden_size": 64}))
+    message = re.escape(f"m.json: preset={value!r} must be a string (a preset name)")
+    with pytest.raises(ConfigError, match=message):
+        config_from_file(p)

@@ -219,14 +219,12 @@ class ModelConfig:
         `widemoe.presets.config_from_file` passes the preset table (config.py sits below presets.py)."""
         p = Path(path)
         d = read_config_mapping(p)
-        base = d.pop("preset", None)
-        if base is None:
+        if "preset" not in d:
             return cls.from_dict(d, source=str(p))
-        if presets is None:
-            raise ConfigError(
-                f"{p}: 'preset' = {base!r} needs the preset table; "
-                "read the file with widemoe.presets.config_from_file"
-            )
+        base = d.pop("preset")
+        _need(isinstance(base, str), f"{p}: preset={base!r} must be a string (a preset name)")
+        _need(presets is not None, f"{p}: 'preset' = {base!r} needs the preset table; "
+              "read the file with widemoe.presets.config_from_file")
         check_known_fields(d, str(p))
         with config_source(str(p)):
             return presets(base).replace(**d)
