@@ -52,7 +52,7 @@ def test_generate_on_a_run_without_checkpoint_is_clear(tmp_path):
         main(["generate", str(tmp_path), "x"])
 
 
-# --- errors: one line, exit status 2; tracebacks only for bugs ------------------------------------------
+# --- errors: one line; exit status 1 (failure) or 2 (usage); tracebacks only for bugs -----------------
 
 
 def _error(argv, capsys) -> tuple[int, str]:
@@ -67,10 +67,10 @@ def _error(argv, capsys) -> tuple[int, str]:
 @pytest.mark.parametrize("spec", ["./no/such/dir", "runs/typo"])
 def test_generate_on_a_missing_path_says_no_such_file(spec, capsys):
     code, err = _error(["generate", spec, "hi"], capsys)
-    assert code == 2 and err == f"error: no such file or directory: {spec}\n"
+    assert code == 1 and err == f"error: no such file or directory: {spec}\n"
 
 
-def test_generate_unknown_preset_exits_2(capsys):
+def test_generate_unknown_preset_is_a_usage_error(capsys):  # as argparse's "invalid choice"
     code, err = _error(["generate", "nope", "x"], capsys)
     assert code == 2 and err.startswith("error: unknown preset 'nope'; presets: ") and err.count("\n") == 1
 
@@ -95,7 +95,8 @@ def test_generate_bad_sampling_flags_are_usage_errors(flag, value, message, caps
 
 def test_generate_empty_prompt_is_one_line(capsys):
     code, err = _error(["generate", "micro", ""], capsys)
-    assert code == 2 and err.startswith("error: ") and "at least one token" in err and err.count("\n") == 1
+    assert code == 1 and err.startswith("error: prompt 0 is empty") and "at least one token" in err
+    assert err.count("\n") == 1
 
 
 class _CountingStdout:
@@ -147,10 +148,10 @@ def _failing_command(monkeypatch, exc: BaseException) -> None:
         (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "error: 'utf-8' codec can't"),
     ],
 )
-def test_user_errors_become_one_line_and_exit_2(exc, message, monkeypatch, capsys):
+def test_user_errors_become_one_line_and_exit_1(exc, message, monkeypatch, capsys):
     _failing_command(monkeypatch, exc)
     code, err = _error(["inspect", "x"], capsys)
-    assert code == 2 and err.startswith(message) and err.count("\n") == 1
+    assert code == 1 and err.startswith(message) and err.count("\n") == 1
 
 
 def test_a_damaged_safetensors_file_is_a_message(monkeypatch, capsys):
@@ -158,7 +159,7 @@ def test_a_damaged_safetensors_file_is_a_message(monkeypatch, capsys):
 
     _failing_command(monkeypatch, SafetensorError("Error while deserializing header: HeaderTooLarge"))
     code, err = _error(["inspect", "x"], capsys)
-    assert code == 2 and err == "error: Error while deserializing header: HeaderTooLarge\n"
+    assert code == 1 and err == "error: Error while deserializing header: HeaderTooLarge\n"
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
@@ -178,3 +179,11 @@ def test_argparse_usage_errors_exit_2(capsys):
     assert code == 2 and "usage:" in err
     code, err = _error(["no-such-command"], capsys)
     assert code == 2 and "invalid choice" in err
+
+
+def test_a_usage_error_class_exits_2(monkeypatch, capsys):
+    from widemoe.cost import CostError
+
+    _failing_command(monkeypatch, CostError("--mfu=2.0 must be in (0, 1]"))
+    code, err = _error(["inspect", "x"], capsys)
+    assert code == 2 and err == "error: --mfu=2.0 must be in (0, 1]\n"

@@ -6,9 +6,9 @@ imports are deferred to the chosen command where they are heavy (torch, transfor
 Library code raises exceptions, never `SystemExit`. The library's error types (`ConfigError`,
 `SpecError`, `TokenizerError`, `LoadError`, `CostError`, `ReportError`, ...) are `ValueError`s;
 `main` turns those, an `OSError` (a missing, unreadable or mistyped path) and a damaged safetensors
-file into one line `error: <message>` on stderr and exit status 2 (`USER_ERRORS`); argparse's usage
-errors exit 2 too, Ctrl-C 130 (the statuses: `widemoe.commands.errors`). Any other exception is a
-bug and keeps its traceback.
+file into one line `error: <message>` on stderr (`USER_ERRORS`) and exit status 1, or 2 for a usage
+error (argparse's own, and error classes marked `exit_status = 2`); Ctrl-C exits 130 (the statuses:
+`widemoe.commands.errors`). Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import importlib
 import sys
 
 from widemoe import __version__
-from widemoe.commands.errors import EXIT_ERROR, EXIT_INTERRUPTED, USER_ERRORS, one_line
+from widemoe.commands.errors import EXIT_INTERRUPTED, EXIT_USAGE, USER_ERRORS, exit_status, one_line
 
 # Subcommands in the order `widemoe --help` lists them.
 COMMANDS = ("train", "generate", "report", "inspect", "convert", "cost")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return EXIT_ERROR
+        return EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -50,16 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         message = one_line(e)
         print(f"error: {message}", file=sys.stderr)
-        raise ErrorExit(message) from None
+        raise ErrorExit(message, exit_status(e)) from None
 
 
 class ErrorExit(SystemExit):
-    """Exit status 2, raised once `error: <message>` is on stderr; `str()` is the message (what a
-    caller of `main` in-process can match)."""
+    """Raised once `error: <message>` is on stderr: exits with `code` (1 or 2); `str()` is the
+    message, which a caller of `main` in-process can match."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
-        self.code = EXIT_ERROR
+        self.code = code
 
 
 if __name__ == "__main__":

@@ -98,10 +98,12 @@ def next_tokens(logits_BV: torch.Tensor, gen: GenerationConfig, rng: torch.Gener
 
 def check_prompts(model: torch.nn.Module, prompts: Sequence[Sequence[int]]) -> None:
     """Every prompt non-empty, its ids inside the vocabulary and its length inside the model's positions."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate() needs at least one prompt, and every prompt needs at least one token")
+    if not prompts:
+        raise ValueError("no prompts: generate() needs at least one prompt")
     vocab, positions = model.config.vocab_size, model.config.max_position_embeddings
     for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         bad = [t for t in p if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={vocab}): {bad[:5]}")

@@ -1,14 +1,17 @@
 """How a command reports a failure: one `error: ...` line on stderr, and the exit statuses of `widemoe`.
 
     0    success
-    1    a check ran and said no (`inspect` on a directory that would not load)
-    2    an error: a usage error found by argparse, or any `error: ...` message (a bad value, a
-         missing or unreadable file, a damaged checkpoint, a model that does not fit)
+    1    a failure: a file, directory, checkpoint or config that cannot be used, a model that does
+         not fit; also `inspect` on a directory that would not load
+    2    a usage error: argparse's own (a missing argument, an unknown flag, a value of the wrong
+         type or out of its range), a flag value the command checks itself (`CostError`), a MODEL
+         that is neither a preset nor a path (`UnknownPresetError`, argparse's "invalid choice")
     3    training stopped on a non-finite loss (the run directory stays resumable)
     130  interrupted (Ctrl-C)
 
-As grep, diff and cmp do: 1 is an answer, 2 is trouble. `widemoe.cli.main` applies this to whatever a
-command raises; commands that catch their own errors use `report_error` so that both read the same.
+An exception class says it is a usage error with a class attribute `exit_status = 2`; every other
+user error is a failure. `widemoe.cli.main` applies this to whatever a command raises; commands that
+catch their own errors use `report_error`, so that both read the same.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import sys
 
 from safetensors import SafetensorError
 
-EXIT_CHECK_FAILED = 1
-EXIT_ERROR = 2
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
 EXIT_STOPPED = 3
 EXIT_INTERRUPTED = 130
 
@@ -40,18 +43,25 @@ def one_line(e: BaseException) -> str:
     return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
+def exit_status(e: BaseException) -> int:
+    """2 for an error class marked as a usage error (`exit_status = 2`), else 1."""
+    status = getattr(e, "exit_status", EXIT_FAILURE)
+    return status if isinstance(status, int) else EXIT_FAILURE
+
+
 def report_error(e: BaseException) -> int:
     """Print `error: <one line>` on stderr; the exit status for it."""
     print(f"error: {one_line(e)}", file=sys.stderr)
-    return EXIT_ERROR
+    return exit_status(e)
 
 
 __all__ = [
-    "EXIT_CHECK_FAILED",
-    "EXIT_ERROR",
+    "EXIT_FAILURE",
     "EXIT_INTERRUPTED",
     "EXIT_STOPPED",
+    "EXIT_USAGE",
     "USER_ERRORS",
+    "exit_status",
     "one_line",
     "report_error",
 ]

@@ -14,6 +14,8 @@ import re
 class CostError(ValueError):
     """Invalid input to the calculator (model spec, context, layout); the message names it."""
 
+    exit_status = 2  # the values of `widemoe cost`'s flags: a usage error (widemoe.commands.errors)
+
 
 _BINARY = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _DECIMAL = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}

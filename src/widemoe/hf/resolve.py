@@ -51,6 +51,12 @@ class SpecError(ConfigError):
     """A model spec that names nothing usable (an empty run, a directory without config.json, ...)."""
 
 
+class UnknownPresetError(SpecError):
+    """A spec that is neither a preset name nor a path: a usage error, as argparse's "invalid choice"."""
+
+    exit_status = 2
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """What a spec names. `weights` is the HF directory to load (None: a randomly initialised model);
@@ -111,7 +117,7 @@ def looks_like_path(spec: str) -> bool:
 def _missing(spec: str, path: Path) -> SpecError:
     """A spec that names neither a preset nor an existing path: say which one the user meant."""
     if not looks_like_path(spec):
-        return SpecError(f"unknown preset {spec!r}; presets: {', '.join(PRESET_NAMES)}")
+        return UnknownPresetError(f"unknown preset {spec!r}; presets: {', '.join(PRESET_NAMES)}")
     message = f"no such file or directory: {spec}"
     ancestor = next((a for a in path.parents if a.exists()), None)
     if ancestor is not None and ancestor not in (Path("."), Path(path.anchor)):
@@ -213,6 +219,7 @@ __all__ = [
     "STEP_DIR_RE",
     "ResolvedModel",
     "SpecError",
+    "UnknownPresetError",
     "available_memory_bytes",
     "committed_checkpoints",
     "latest_checkpoint",
