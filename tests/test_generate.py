@@ -81,8 +81,9 @@ def test_bad_inputs_are_clear_errors(model):
         ({"top_p": float("nan")}, r"top_p=nan must be in \(0, 1\]"),
         ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
         ({"top_p": 1.5}, r"top_p=1.5 must be in \(0, 1\]"),
-        ({"top_k": -1}, r"top_k=-1 must be an integer >= 0"),
-        ({"top_k": 2.5}, r"top_k=2.5 must be an integer >= 0"),
+        ({"top_k": -1}, r"top_k=-1 must be an integer >= 1"),
+        ({"top_k": 0}, r"top_k=0 must be an integer >= 1"),
+        ({"top_k": 2.5}, r"top_k=2.5 must be an integer >= 1"),
         ({"max_new_tokens": 0}, r"max_new_tokens=0 must be an integer >= 1"),
         ({"max_new_tokens": -3}, r"max_new_tokens=-3 must be an integer >= 1"),
         ({"max_new_tokens": 2.0}, r"max_new_tokens=2.0 must be an integer >= 1"),
@@ -95,11 +96,6 @@ def test_bad_inputs_are_clear_errors(model):
 def test_bad_sampling_parameters_name_the_parameter_value_and_rule(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GenerationConfig(**kwargs)
-
-
-def test_top_k_zero_means_no_top_k(model):
-    prompts = [[5, 6, 7]]
-    assert generate(model, prompts, max_new_tokens=4, top_k=0) == generate(model, prompts, max_new_tokens=4)
 
 
 def test_stream_yields_each_step_as_it_is_produced(model):

@@ -42,7 +42,7 @@ def _is_number(v: object) -> bool:
 RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "max_new_tokens": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "temperature": ("a finite number >= 0 (0 = greedy)", lambda v: _is_number(v) and 0 <= v < math.inf),
-    "top_k": ("an integer >= 0 (0 or None = no top-k)", lambda v: v is None or (_is_int(v) and v >= 0)),
+    "top_k": ("an integer >= 1 (or None)", lambda v: v is None or (_is_int(v) and v >= 1)),
     "top_p": ("in (0, 1] (or None)", lambda v: v is None or (_is_number(v) and 0 < v <= 1)),
     "seed": ("an integer (or None)", lambda v: v is None or _is_int(v)),
     "eos_token_id": ("an integer >= 0 (or None)", lambda v: v is None or (_is_int(v) and v >= 0)),
@@ -62,7 +62,7 @@ def check_parameter(name: str, value: Any) -> Any:
 class GenerationConfig:
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0 = greedy
-    top_k: int | None = None  # 0 or None: no top-k
+    top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
     eos_token_id: int | None = None
@@ -75,7 +75,7 @@ class GenerationConfig:
 
 def filter_logits(logits_BV: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """Set logits outside the top-k / nucleus to -inf; the most likely token always survives."""
-    if top_k and top_k < logits_BV.shape[-1]:
+    if top_k is not None and top_k < logits_BV.shape[-1]:
         kth = torch.topk(logits_BV, top_k, dim=-1).values[..., -1:]
         logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:

@@ -52,8 +52,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="at most this many new tokens (default 32); never past the model's positions")
     p.add_argument("--temperature", type=sampling_flag("temperature", float), default=0.0,
                    help="0 = greedy (default)")
-    p.add_argument("--top-k", type=sampling_flag("top_k", int), default=None, help="0 = off")
-    p.add_argument("--top-p", type=sampling_flag("top_p", float), default=None, help="in (0, 1]")
+    p.add_argument("--top-k", type=sampling_flag("top_k", int), default=None, help=">= 1 (default: off)")
+    p.add_argument("--top-p", type=sampling_flag("top_p", float), default=None, help="in (0, 1], default off")
     p.add_argument("--seed", type=int, default=0, help="sampling seed and random-init seed")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.set_defaults(func=run)
