@@ -121,3 +121,42 @@ def test_src_inside_dst_is_refused(ck, tmp_path) -> None:
     rc, _ = _run(["convert", str(outer / "ck"), str(outer), "--overwrite"])
     assert rc in (1, 2)
     assert _snapshot(outer) == before
+
+
+_KILLED_MID_WRITE = """
+import os, signal, sys
+import widemoe.hf.safetensors_io as sio
+from widemoe.hf import convert_checkpoint
+real, calls = sio.write_safetensors, []
+def write_then_die(path, items, metadata):
+    real(path, items, metadata)
+    calls.append(path)
+    if len(calls) == 2:  # two shards on disk in the staging directory, then SIGKILL
+        os.kill(os.getpid(), signal.SIGKILL)
+sio.write_safetensors = write_then_die
+convert_checkpoint(sys.argv[1], sys.argv[2], "fp32", max_shard_size="40KB", overwrite=True)
+"""
+
+
+def test_a_kill_mid_write_leaves_dst_unchanged(ck, tmp_path) -> None:
+    """A real SIGKILL (no cleanup runs): DST intact, only a staging directory beside it."""
+    import subprocess
+    import sys
+
+    dst = _used_dst(ck, tmp_path)
+    before = _snapshot(dst)
+    p = subprocess.run([sys.executable, "-c", _KILLED_MID_WRITE, str(ck), str(dst)], capture_output=True)
+    assert p.returncode == -9, p.stderr.decode()[-2000:]
+    assert _snapshot(dst) == before
+    left = [q.name for q in (tmp_path / "work").iterdir() if q.name != "dst"]
+    assert len(left) == 1 and left[0].startswith(".dst.staging-")
+
+
+def test_a_symlinked_dst_is_written_through(ck, tmp_path) -> None:
+    real = _used_dst(ck, tmp_path)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    convert_checkpoint(ck, link, "fp32", overwrite=True)
+    assert link.is_symlink() and (real / "NOTES.md").read_text() == "mine\n"
+    assert (real / "model.safetensors").exists()
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["dst"]

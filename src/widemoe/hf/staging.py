@@ -7,7 +7,8 @@ into; when the body completes, the destination's own files that are not model fi
 into it (the user's notes, evaluation results, ... are kept), and the two directories are exchanged in
 one atomic ``renameat2(RENAME_EXCHANGE)`` (two renames where the kernel lacks it), then the old one is
 removed. On an exception the temporary directory is removed and ``dst`` is exactly as before; a kill
-leaves ``dst`` untouched and a ``.NAME.staging-*`` directory beside it that can be deleted.
+leaves ``dst`` untouched and a ``.NAME.staging-*`` directory beside it that can be deleted. A
+symlinked ``dst`` is written through: the directory it points to is replaced, the link stays.
 
 Model files (replaced or dropped with ``overwrite``): weights and their index, ``config.json``,
 ``generation_config.json`` and the tokenizer files.
@@ -111,6 +112,8 @@ def _swap_in(tmp: Path, dst: Path) -> Path | None:
 @contextlib.contextmanager
 def staged_directory(dst: Path, tokenizer_files: tuple[str, ...] = ()) -> Iterator[Path]:
     """A temporary directory to write ``dst``'s new contents into, swapped in when the body completes."""
+    if dst.is_symlink():  # replace what the link points to, keep the link
+        dst = dst.resolve()
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.staging-", dir=dst.parent))
     try:
