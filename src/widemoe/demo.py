@@ -23,6 +23,7 @@ import torch
 
 from widemoe import data as wdata
 from widemoe.generate import GenerationConfig, generate
+from widemoe.hf.resolve import latest_checkpoint
 from widemoe.runtime import configure_cpu_runtime
 from widemoe.train.build import prepare_train_data
 from widemoe.train.config import BALANCE_MODES, TrainConfig
@@ -99,7 +100,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir)
     t_start = time.perf_counter()
     tc = demo_config(str(run_dir), args.steps, args.balance, args.seed)
-    tc.resume = True  # an interrupted demo continues where it stopped; --fresh starts over
+    # An interrupted demo continues where it stopped (one that stopped before its first save starts
+    # over); --fresh starts over.
+    tc.resume = latest_checkpoint(run_dir) is not None
+    tc.fresh = not tc.resume
 
     print("preparing data (corpus, tokenizer, token ids; cached after the first run) ...")
     td = prepare_train_data(tc)

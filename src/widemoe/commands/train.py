@@ -45,6 +45,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-last", type=int, default=d.keep_last)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from the newest committed checkpoint")
+    p.add_argument(
+        "--fresh", action="store_true", help="start over in a used --run-dir (deletes its checkpoints and metrics)"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=run)
 

@@ -22,6 +22,7 @@ The read side of this layout (`MARKER`, `committed_checkpoints`, `latest_checkpo
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +35,12 @@ from widemoe.hf import load_into, save_pretrained
 from widemoe.hf.resolve import MARKER, STEP_DIR_RE, committed_checkpoints, latest_checkpoint
 
 STATE_FILE = "trainer_state.pt"
+# What every trainer_state.pt holds (besides the optimizer's state under "optimizer").
+STATE_KEYS = ("step", "tokens_seen", "scheduler", "data", "torch_rng", "python_rng")
+
+
+class CheckpointDamaged(ValueError):
+    """A committed checkpoint whose files are missing or unreadable; the message names the file and why."""
 
 
 def _fsync_path(path: Path) -> None:
@@ -121,10 +128,22 @@ def _apply_retention(run_dir: Path, keep_last: int) -> None:
 
 
 def load_training_state(ckpt: Path) -> dict[str, Any]:
+    """The `trainer_state.pt` of a committed checkpoint; `CheckpointDamaged` naming the file if it is
+    missing, truncated or lacks a field."""
     path = Path(ckpt) / STATE_FILE
     if not (Path(ckpt) / MARKER).is_file():
         raise FileNotFoundError(f"{ckpt} is not a committed checkpoint (no {MARKER} marker)")
-    return torch.load(path, weights_only=True)
+    if not path.is_file():
+        raise CheckpointDamaged(f"{path}: missing (the checkpoint is marked {MARKER} but lacks it)")
+    try:
+        state = torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointDamaged(f"{path}: unreadable, truncated or corrupt ({first})") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointDamaged(f"{path}: lacks {', '.join(missing)}")
+    return state
 
 
 class Checkpointer(Protocol):
@@ -143,8 +162,17 @@ class Checkpointer(Protocol):
         """The newest complete checkpoint of the run, or None."""
         ...
 
+    def checkpoints(self, run_dir: Path) -> list[Path]:
+        """The run's complete (committed) checkpoints, oldest first."""
+        ...
+
+    def read_state(self, path: Path) -> dict[str, Any]:
+        """The `state` saved with a checkpoint, without touching a model (`CheckpointDamaged`: unreadable)."""
+        ...
+
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Restore the weights and optimizer state in place; return the `state` that was saved."""
+        """Restore the weights and optimizer state in place; return the `state` that was saved.
+        `CheckpointDamaged` (naming the file) when a file of it is missing or unreadable."""
         ...
 
 
@@ -167,14 +195,26 @@ class HFCheckpointer:
     def latest(self, run_dir: Path) -> Path | None:
         return latest_checkpoint(run_dir)
 
+    def checkpoints(self, run_dir: Path) -> list[Path]:
+        return committed_checkpoints(run_dir)
+
+    def read_state(self, path: Path) -> dict[str, Any]:
+        return load_training_state(path)
+
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        load_into(model, path, model.config)  # strict, straight into the live parameters
-        state = load_training_state(path)
+        state = load_training_state(path)  # first: a damaged state file must not cost a model load
+        try:
+            load_into(model, path, model.config)  # strict, straight into the live parameters
+        except (ValueError, OSError) as e:  # a missing or truncated weight file (hf's LoadError family)
+            raise CheckpointDamaged(str(e).splitlines()[0]) from None
+        if "optimizer" not in state:
+            raise CheckpointDamaged(f"{Path(path) / STATE_FILE}: lacks the optimizer state")
         optimizer.load_state_dict(state.pop("optimizer"))
         return state
 
 
 __all__ = [
+    "CheckpointDamaged",
     "Checkpointer",
     "HFCheckpointer",
     "STATE_FILE",

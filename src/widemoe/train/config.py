@@ -49,6 +49,7 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 0
     resume: bool = False
+    fresh: bool = False  # start over in a used run directory: its old run's files are deleted
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -9,6 +9,11 @@ continues exactly: the same losses and weights as a run that never stopped (test
 
 A non-finite loss or gradient norm stops training with a message and a checkpoint named after the
 last good step, so nothing before it is lost.
+
+`fit()` holds the run directory's lock and refuses a directory holding another run unless asked to
+resume or start over (`widemoe.train.run_dir`). Resuming takes the newest checkpoint that loads: damaged
+newer ones are named in a notice and set aside (`step-XXXXXXXX.damaged`); changed hyperparameters are
+stated or refused (`widemoe.train.resume`); "resumed from step N of RUN" is printed to stderr.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from typing import Any
 import torch
 
 from widemoe.train.build import ParallelizeFn, TrainData, build_parts, parallelize
-from widemoe.train.checkpoint import Checkpointer, HFCheckpointer
+from widemoe.train.checkpoint import CheckpointDamaged, Checkpointer, HFCheckpointer
 from widemoe.train.config import TrainConfig, TrainingStopped
 from widemoe.train.eval import evaluate_heldout
 from widemoe.train.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
 from widemoe.train.progress import TrainProgress
+from widemoe.train.resume import apply_changes, check_resume_steps, config_changes, describe_changes
+from widemoe.train.run_dir import Notify, RunDirError, RunLock, notice, prepare_run_dir
 from widemoe.train.step import accumulate_gradients, close_balancing_window, non_finite, routing_fields
 
 
@@ -45,10 +52,12 @@ class Trainer:
         mesh: Any = None,
         parallelize_fn: ParallelizeFn = parallelize,
         checkpointer: Checkpointer | None = None,
+        notify: Notify = notice,
     ):
         """`data` has `train` (a resumable PackedBatches), `heldout` ({domain: [batches]}) and `domains`.
         The model and every batch go to `device`; `parallelize_fn(model, mesh)` runs between building the
-        model and the optimizer; `checkpointer` defaults to Hugging Face directories (`HFCheckpointer`)."""
+        model and the optimizer; `checkpointer` defaults to Hugging Face directories (`HFCheckpointer`);
+        `notify` receives the one-line statements of what training decided (default: stderr)."""
         self.tc = tc
         self.data = data
         self.tokenizer = tokenizer
@@ -66,6 +75,8 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
         self.flops_per_token = train_flops_per_token(self.config, tc.seq_len)
         self.peak_flops: float | None = None
+        self.notify = notify
+        self.resume_notes: dict[str, Any] = {}  # what the resume record says besides the step
 
     # --- state ---------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -92,18 +103,53 @@ class Trainer:
         )
 
     def try_resume(self) -> Path | None:
-        """Restore the newest complete checkpoint of the run directory, if there is one; its path."""
-        latest = self.checkpointer.latest(self.run_dir)
-        if latest is None:
-            return None
-        st = self.checkpointer.load(latest, self.model, self.optimizer)
+        """Restore the newest checkpoint of the run directory that loads; its path (None: there is none).
+        Damaged newer ones are named in a notice and set aside; when none loads, `RunDirError` naming
+        the newest damaged file."""
+        damaged: list[tuple[Path, str]] = []
+        for ckpt in reversed(self.checkpointer.checkpoints(self.run_dir)):
+            try:
+                self._restore(ckpt)
+            except CheckpointDamaged as e:
+                self.notify(f"checkpoint {ckpt.name} is damaged ({e}); trying the one before it")
+                damaged.append((ckpt, str(e)))
+                continue
+            self.resume_notes["damaged"] = [self._set_aside(p) for p, _ in damaged]
+            return ckpt
+        if damaged:
+            raise RunDirError(
+                f"cannot resume {self.run_dir}: no committed checkpoint loads; the newest, "
+                f"{damaged[0][0].name}, is damaged: {damaged[0][1]}; start over with --fresh"
+            )
+        return None
+
+    def _restore(self, ckpt: Path) -> None:
+        saved = self.checkpointer.read_state(ckpt)
+        step = int(saved["step"])
+        complete = check_resume_steps(step, self.tc)
+        where = f"step {step} of {self.run_dir}"
+        changes = config_changes(json.loads(saved.get("train_config", "{}")), self.tc, where)
+        st = self.checkpointer.load(ckpt, self.model, self.optimizer)
         self.scheduler.load_state_dict(st["scheduler"])
         self.data.train.load_state_dict(json.loads(st["data"]))
         torch.set_rng_state(st["torch_rng"])
         state = json.loads(st["python_rng"])
         random.setstate((state[0], tuple(state[1]), state[2]))
         self.step, self.tokens_seen = int(st["step"]), int(st["tokens_seen"])
-        return latest
+        apply_changes(self.optimizer, self.scheduler, self.tc, changes)
+        done = [f"{complete}: nothing to train"] if complete else []
+        self.notify("; ".join([f"resumed from {where}", *describe_changes(changes), *done]))
+        self.resume_notes["changed"] = {k: [old, new] for k, old, new in changes}
+
+    def _set_aside(self, ckpt: Path) -> str:
+        """Rename a damaged checkpoint out of the run's view (kept for inspection, never deleted)."""
+        target, n = ckpt.with_name(f"{ckpt.name}.damaged"), 1
+        while target.exists():
+            n += 1
+            target = ckpt.with_name(f"{ckpt.name}.damaged-{n}")
+        ckpt.rename(target)
+        self.notify(f"set the damaged checkpoint aside as {target}")
+        return target.name
 
     # --- steps ---------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -149,7 +195,13 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Resume if asked, then train until `steps` (or `stop_at`); the last eval record and the step."""
+        """Holding the run directory's lock: check the directory (a used one needs `resume` or `fresh`),
+        resume if asked, then train until `steps` (or `stop_at`); the last eval record and the step."""
+        with RunLock(self.run_dir, self.notify):
+            prepare_run_dir(self.run_dir, resume=self.tc.resume, fresh=self.tc.fresh, notify=self.notify)
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         tc = self.tc
         resumed = self.try_resume() if tc.resume else None
         if self.peak_flops is None:
@@ -182,7 +234,8 @@ class Trainer:
 
     def _write_opening(self, resumed: Path | None) -> None:
         if resumed is not None:
-            self.metrics.write({"kind": "resume", "step": self.step, "from": str(resumed)})
+            record = {"kind": "resume", "step": self.step, "from": str(resumed), **self.resume_notes}
+            self.metrics.write(record)
             return
         self.metrics.write(
             {
