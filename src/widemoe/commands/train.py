@@ -19,7 +19,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "directory (its architecture; training starts from scratch)",
     )
     p.add_argument("--config", dest="config_file", default=None, help="widemoe model config (JSON or TOML)")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="vocabulary of the tokenizer trained on the corpus and of the model (default: the model's "
+        "vocab_size, from --config or the preset); given, it replaces the model's (a note says so)",
+    )
     p.add_argument("--seq-len", type=int, default=d.seq_len)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
@@ -33,41 +39,54 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument(
+        "--grad-clip",
+        type=float,
+        default=d.grad_clip,
+        help="clip the global gradient norm to this (default: %(default)s); 0 turns clipping off",
+    )
     p.add_argument(
         "--bf16", action="store_true", help="bf16 autocast (about 2.5x faster matmuls on AVX512-BF16)"
     )
     p.add_argument("--balance", choices=BALANCE_MODES, default=d.balance)
     p.add_argument("--bias-update-speed", type=float, default=None)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-batches", type=int, default=d.eval_batches)
+    p.add_argument("--eval-batches", type=int, default=d.eval_batches, help="held-out batches per domain")
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--keep-last", type=int, default=d.keep_last)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--resume", action="store_true", help="continue from the newest committed checkpoint")
     p.add_argument(
-        "--fresh", action="store_true", help="start over in a used --run-dir (deletes its checkpoints and metrics)"
+        "--fresh",
+        action="store_true",
+        help="start over in a used --run-dir (deletes its checkpoints and metrics)",
     )
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress display (default: a live bar on a terminal, else a plain line every "
+        "$WIDEMOE_PROGRESS_INTERVAL seconds, 10 when unset)",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """Train; a bad option (`TrainConfigError`) or a model that cannot fit propagates to `widemoe.cli`,
+    which prints it as one `error:` line."""
+    from widemoe.commands.errors import EXIT_STOPPED
     from widemoe.runtime import configure_cpu_runtime
     from widemoe.train.config import TrainConfig, TrainingStopped
     from widemoe.train.run import run_training
 
-    configure_cpu_runtime()
     fields = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    tc = TrainConfig(**fields)  # every option checked before anything runs
+    configure_cpu_runtime()
     try:
-        tc = TrainConfig(**fields)
         result = run_training(tc)
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
-        return 3
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_STOPPED
     ev = result["final_eval"] or {}
     print(
         f"trained {result['steps']} steps into {result['run_dir']}; held-out loss per domain: "

@@ -42,7 +42,9 @@ def evaluate_heldout(
             tracker.update(out.routing[:n_moe])
             for info in out.routing[:n_moe]:
                 per_layer[info.layer_idx] = per_layer.get(info.layer_idx, 0) + info.counts
-        losses[domain] = total / max(1, count)
+        if count == 0:  # a mean over no tokens would read as a perfect loss of 0
+            raise ValueError(f"held-out set of domain {domain!r} has no batches (or no labelled tokens)")
+        losses[domain] = total / count
         domain_expert[domain] = {str(k): v.tolist() for k, v in per_layer.items()}
     mv = tracker.max_vio()
     return {
