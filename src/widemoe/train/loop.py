@@ -159,7 +159,7 @@ class Trainer:
         t0 = time.perf_counter()
         acc = accumulate_gradients(model, self.data.train, tc, len(self.data.domains), self.device)
         self.tokens_seen += acc.tokens
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm))
         problem = non_finite(acc.logs["loss"], grad_norm, self.step + 1)
         if problem is not None:
             self.optimizer.zero_grad(set_to_none=True)
