@@ -188,3 +188,9 @@ def test_a_usage_error_class_exits_2(monkeypatch, capsys):
     _failing_command(monkeypatch, CostError("--mfu=2.0 must be in (0, 1]"))
     code, err = _error(["inspect", "x"], capsys)
     assert code == 2 and err == "error: --mfu=2.0 must be in (0, 1]\n"
+
+
+def test_report_on_a_file_says_it_is_not_a_directory(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("hi")
+    assert main(["report", str(tmp_path / "a.txt")]) == 2  # ReportError's status (tests/test_report.py)
+    assert capsys.readouterr().err == f"error: run directory {tmp_path / 'a.txt'} is not a directory\n"

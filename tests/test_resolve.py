@@ -188,3 +188,9 @@ def test_a_bare_name_is_still_an_unknown_preset(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SpecError, match="^unknown preset 'mikro'; presets: .*micro"):
         resolve_model("mikro")
+
+
+def test_a_config_json_that_is_not_a_file(tmp_path: Path) -> None:
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(SpecError, match=f"^{re.escape(str(tmp_path / 'config.json'))} is not a file$"):
+        resolve_model(str(tmp_path))

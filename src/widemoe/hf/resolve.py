@@ -133,6 +133,8 @@ def _resolve_directory(spec: str, path: Path) -> ResolvedModel:
             raise SpecError(f"{path} is a run directory without a committed checkpoint yet")
         path, kind = latest, "run"
     config_file = path / "config.json"
+    if config_file.exists() and not config_file.is_file():
+        raise SpecError(f"{config_file} is not a file")
     if not config_file.is_file():
         raise SpecError(
             f"{path}: directory has no config.json; expected a Hugging Face model directory "

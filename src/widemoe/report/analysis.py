@@ -84,7 +84,8 @@ def load_run(run_dir: str | Path) -> RunData:
     """Read RUN/metrics.jsonl (torn last line tolerated) and the optional RUN/summary.json."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ReportError(f"run directory {run_dir} does not exist")
+        state = "is not a directory" if run_dir.exists() else "does not exist"
+        raise ReportError(f"run directory {run_dir} {state}")
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ReportError(f"{path} not found: a run directory needs the metrics.jsonl that "
