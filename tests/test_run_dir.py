@@ -240,12 +240,13 @@ def test_cli_refuses_a_used_run_dir_with_a_message(run, capsys):
     from widemoe.cli import main
 
     argv = ["train", "--run-dir", str(run), "--preset", "micro", "--seq-len", "32", "--batch-size", "4",
-            "--steps", "4", "--no-progress"]
+            "--steps", "4", "--warmup-steps", "1", "--no-progress"]
     before = snapshot(run)
     try:
         code = main(argv)
-    except SystemExit as e:
-        code, msg = 1, str(e.code)
+    except SystemExit as e:  # `error: ...` raised by widemoe.cli.main, or a command's exit status
+        code = e.code if isinstance(e.code, int) else 1
+        msg = ("" if isinstance(e.code, int) else str(e.code)) + capsys.readouterr().err
     else:
         msg = capsys.readouterr().err
     assert code != 0
