@@ -105,17 +105,19 @@ def stream_one(model: Any, tok: Any, text: str, ids: list[int], gen: Any, out: T
     out.flush()
     new: list[int] = []
     shown = ""
-    for step in stream(model, [ids], gen):
-        if step[0] is None:
-            break
-        new.append(step[0])
+    try:
+        for step in stream(model, [ids], gen):
+            if step[0] is None:
+                break
+            new.append(step[0])
+            decoded = tok.decode(new)
+            # a piece ending in U+FFFD may be half a UTF-8 character: wait for the next token
+            if decoded.startswith(shown) and not decoded.endswith("\ufffd"):
+                out.write(decoded[len(shown) :])
+                out.flush()
+                shown = decoded
+    finally:  # also on Ctrl-C: what was generated, and the line ended
         decoded = tok.decode(new)
-        # a piece ending in U+FFFD may be half a UTF-8 character: wait for the next token
-        if decoded.startswith(shown) and not decoded.endswith("\ufffd"):
-            out.write(decoded[len(shown) :])
-            out.flush()
-            shown = decoded
-    decoded = tok.decode(new)
-    out.write((decoded[len(shown) :] if decoded.startswith(shown) else "") + "\n")
-    out.flush()
+        out.write((decoded[len(shown) :] if decoded.startswith(shown) else "") + "\n")
+        out.flush()
     return new
