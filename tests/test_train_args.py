@@ -3,6 +3,7 @@
 --vocab-size is given; a model too large for the memory is refused before anything is allocated; with
 stdout not a terminal, progress is a plain line every few seconds."""
 
+import dataclasses
 import io
 import json
 import math
@@ -123,6 +124,13 @@ def test_defaults_and_boundaries_are_accepted():
     assert TrainConfig(grad_clip=0.5).clip_norm == 0.5
 
 
+def test_warmup_defaults_to_a_tenth_of_the_steps():
+    assert TrainConfig().warmup_steps == 30
+    assert TrainConfig(steps=4).warmup_steps == 0
+    assert TrainConfig(steps=25).warmup_steps == 2
+    assert TrainConfig(steps=25, warmup_steps=25).warmup_steps == 25
+
+
 def test_grad_clip_zero_means_no_clipping(tmp_path, corpus, cache_dir):
     def losses(name, clip):
         tc = TrainConfig(run_dir=str(tmp_path / name), preset="micro", vocab_size=512, seq_len=32,
@@ -164,15 +172,18 @@ def test_config_files_vocab_size_is_used_without_vocab_size_flag(tmp_path, corpu
     assert td.tokenizer.vocab_size == 300
 
 
-def test_vocab_size_flag_replaces_the_config_files_and_says_so(tmp_path, capsys):
+def test_vocab_size_flag_replaces_the_config_files_and_says_so(tmp_path, capsys, monkeypatch):
+    from widemoe.train import build
+
     cfg = write_config(tmp_path, 300)
     tc = TrainConfig(config_file=str(cfg), vocab_size=512)
     assert model_config_for(tc).vocab_size == 512
-    # the note comes before any work; a model that cannot fit stops the run right after it
+    # the note comes before any work; a model that cannot fit (no memory here) stops the run after it
+    monkeypatch.setattr(build, "available_memory_bytes", lambda: 1)
     args = ["train", "--run-dir", str(tmp_path / "run"), "--config", str(cfg), "--vocab-size", "512",
-            "--seq-len", "200", "--no-progress"]
+            "--seq-len", "32", "--no-progress"]
     code, err = run_cli(args, capsys)
-    assert code == 2
+    assert code == 1
     assert re.search(r"--vocab-size 512 replaces vocab_size 300 of .*model.json", err), err
 
 
@@ -183,6 +194,8 @@ def test_micro_without_vocab_size_says_to_pass_one(tmp_path, capsys):
     assert code == 2
     assert re.search(r"micro.*vocab_size 256.*>= 258.*--vocab-size", err), err
     assert not (tmp_path / "run").exists()
+    code, err = run_cli(args[:-2] + ["200", "--no-progress"], capsys)  # a flag's own error comes first
+    assert code == 2 and re.search(r"--seq-len.*200.*max_position_embeddings 128", err), err
 
 
 # --- memory guard ---------------------------------------------------------------------------------
@@ -257,7 +270,7 @@ def test_bad_progress_interval_is_named(monkeypatch):
 
 
 def test_train_redirected_prints_progress_lines(tmp_path, corpus, cache_dir, capsys, monkeypatch):
-    from widemoe.train.run import run_training
+    from widemoe.train.run import run_training, run_vocab_size
 
     monkeypatch.setenv("WIDEMOE_PROGRESS_INTERVAL", "0")
     tc = TrainConfig(run_dir=str(tmp_path / "run"), preset="micro", vocab_size=512, seq_len=32, batch_size=4,
@@ -265,3 +278,8 @@ def test_train_redirected_prints_progress_lines(tmp_path, corpus, cache_dir, cap
     run_training(tc, corpus=corpus, cache_dir=cache_dir)
     out = capsys.readouterr().out
     assert re.search(r"^step 1/2 .*tok/s.*ETA", out, re.M) and re.search(r"^step 2/2 ", out, re.M), out
+    # resuming without --vocab-size keeps the run's vocabulary (not micro's 256)
+    assert run_vocab_size(tc.run_dir) == 512
+    again = dataclasses.replace(tc, vocab_size=None, resume=True, steps=3, progress=False)
+    result = run_training(again, corpus=corpus, cache_dir=cache_dir)
+    assert result["trainer"].config.vocab_size == 512 and result["steps"] == 3

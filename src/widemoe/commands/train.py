@@ -37,7 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="stop after this step; the schedule still spans --steps (continue with --resume)",
     )
     p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument(
+        "--warmup-steps", type=int, default=None, help="linear warmup steps (default: a tenth of --steps)"
+    )
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument(
         "--grad-clip",

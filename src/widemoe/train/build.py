@@ -105,16 +105,20 @@ def device_memory_bytes(device: torch.device) -> int:
     return available_memory_bytes()
 
 
-def check_trainable(tc: TrainConfig, config: ModelConfig, device: torch.device) -> None:
-    """Refuse (`TrainConfigError`) a run that cannot train right on `device`, before anything is allocated:
-    `seq_len` beyond the model's `max_position_embeddings`, or parameters + gradients + AdamW state
-    (fp32, 16 bytes a parameter; activations not counted) above `MAX_MEMORY_SHARE` of the free memory
-    (`TrainMemoryError`)."""
+def check_positions(tc: TrainConfig, config: ModelConfig) -> None:
+    """Refuse (`TrainConfigError`) a `seq_len` beyond the model's `max_position_embeddings`."""
     if tc.seq_len > config.max_position_embeddings:
         raise TrainConfigError(
             f"{flag_of('seq_len')} = {tc.seq_len}: must be <= max_position_embeddings "
             f"{config.max_position_embeddings} of {tc.model_spec}"
         )
+
+
+def check_trainable(tc: TrainConfig, config: ModelConfig, device: torch.device) -> None:
+    """Refuse a run that cannot train right on `device`, before anything is allocated: `seq_len` beyond
+    the model's positions (`check_positions`), or parameters + gradients + AdamW state (fp32, 16 bytes a
+    parameter; activations not counted) above `MAX_MEMORY_SHARE` of the free memory (`TrainMemoryError`)."""
+    check_positions(tc, config)
     need = training_bytes_per_gpu(config, dp=1)["total"]
     free = device_memory_bytes(device)
     if need > MAX_MEMORY_SHARE * free:
@@ -223,6 +227,7 @@ __all__ = [
     "build_optimizer",
     "build_parts",
     "build_scheduler",
+    "check_positions",
     "check_trainable",
     "device_memory_bytes",
     "lr_lambda",

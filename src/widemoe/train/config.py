@@ -45,7 +45,7 @@ class TrainConfig:
     stop_at: int | None = None  # stop after this step (the schedule still spans `steps`); resume later
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
+    warmup_steps: int | None = None  # None: a tenth of `steps` (30 of the default 300)
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
@@ -64,6 +64,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.warmup_steps is None:
+            self.warmup_steps = self.steps // 10
         self.run_dir = os.fspath(self.run_dir)
         self.config_file = os.fspath(self.config_file) if self.config_file is not None else None
         self.betas = (float(self.betas[0]), float(self.betas[1]))
@@ -83,10 +85,10 @@ class TrainConfig:
 
 # Integer fields and their smallest value (optional ones may also be None).
 _MIN_INT = {
-    "seq_len": 1, "batch_size": 1, "grad_accum": 1, "steps": 1, "warmup_steps": 0, "eval_every": 1,
+    "seq_len": 1, "batch_size": 1, "grad_accum": 1, "steps": 1, "eval_every": 1,
     "eval_batches": 1, "log_every": 1, "save_every": 1, "keep_last": 1, "seed": 0,
 }
-_MIN_OPTIONAL_INT = {"vocab_size": 1, "stop_at": 1}
+_MIN_OPTIONAL_INT = {"vocab_size": 1, "stop_at": 1, "warmup_steps": 0}
 # Float fields: (rule, what the rule says); every float must also be finite.
 _FLOAT_RULES = {
     "lr": (lambda v: v > 0, "must be > 0"),
@@ -163,7 +165,7 @@ def _check_numbers(tc: TrainConfig) -> None:
 
 
 def _check_together(tc: TrainConfig) -> None:
-    if tc.warmup_steps > tc.steps:
+    if tc.warmup_steps is not None and tc.warmup_steps > tc.steps:
         raise _bad("warmup_steps", tc.warmup_steps, f"must be <= --steps {tc.steps} (the schedule's length)")
     if tc.stop_at is not None and tc.stop_at > tc.steps:
         raise _bad("stop_at", tc.stop_at, f"must be <= --steps {tc.steps} (the schedule ends there)")

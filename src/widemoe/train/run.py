@@ -8,6 +8,7 @@ allocated or a run directory is created.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,20 +17,32 @@ from typing import Any
 import torch
 
 from widemoe import data as wdata
+from widemoe.hf.resolve import latest_checkpoint
 from widemoe.train.build import (
     base_model_config,
+    check_positions,
     check_trainable,
     model_config_for,
     prepare_train_data,
     vocab_note,
 )
-from widemoe.train.config import TrainConfig
+from widemoe.train.config import TrainConfig, TrainConfigError
 from widemoe.train.loop import Trainer
 from widemoe.train.run_dir import preflight
 
 
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def run_vocab_size(run_dir: str | Path) -> int | None:
+    """The vocab_size of the newest committed checkpoint of `run_dir` (its config.json), or None."""
+    ckpt = latest_checkpoint(Path(run_dir))
+    try:
+        vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"] if ckpt else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # resuming reports what is wrong with the checkpoint
+    return vocab if isinstance(vocab, int) and not isinstance(vocab, bool) else None
 
 
 def run_training(
@@ -40,22 +53,29 @@ def run_training(
     notify: Callable[[str], None] = _to_stderr,
 ) -> dict[str, Any]:
     """Train as `tc` says; the result of `Trainer.fit` plus the `trainer` and the `data`. `notify`
-    receives the statements of what was decided for the user (a --vocab-size replacing a config's)."""
+    receives the statements of what was decided for the user (a --vocab-size replacing a config's).
+
+    Without `vocab_size`, a resumed run keeps its checkpoint's vocabulary and a new one takes the model
+    spec's; the value is written into the config, so checkpoints and metrics record the number."""
     preflight(tc.run_dir, resume=tc.resume, fresh=tc.fresh)  # a used or locked run directory
-    note = vocab_note(tc, base_model_config(tc))
+    base = base_model_config(tc)
+    check_positions(tc, base)
+    note = vocab_note(tc, base)
     if note is not None:
         notify(note)
+    if tc.vocab_size is None and tc.resume:
+        tc = dataclasses.replace(tc, vocab_size=run_vocab_size(tc.run_dir))
     config = model_config_for(tc)
     check_trainable(tc, config, torch.device(device))
-    if tc.vocab_size is None:  # recorded as the number it is, in checkpoints and metrics
+    if tc.vocab_size is None:
         tc = dataclasses.replace(tc, vocab_size=config.vocab_size)
     td = prepare_train_data(tc, corpus, cache_dir)
-    trainer = Trainer(tc, td, tokenizer=td.tokenizer, device=device, notify=notify)
-    if trainer.config.vocab_size != td.tokenizer.vocab_size:
-        raise ValueError(
-            f"model vocab_size={trainer.config.vocab_size} differs from the tokenizer's "
-            f"{td.tokenizer.vocab_size}"
+    if config.vocab_size != td.tokenizer.vocab_size:  # a BPE stops when the corpus has no more merges
+        raise TrainConfigError(
+            f"vocab_size {config.vocab_size}: the tokenizer trained on the corpus reached "
+            f"{td.tokenizer.vocab_size} tokens; pass --vocab-size {td.tokenizer.vocab_size} or less"
         )
+    trainer = Trainer(tc, td, tokenizer=td.tokenizer, device=device, notify=notify)
     result = trainer.fit()
     result["trainer"] = trainer
     result["data"] = td
