@@ -130,8 +130,10 @@ def test_inspect_load_and_convert_agree(tmp_path, capsys, how) -> None:
     edit, key = _BROKEN[how]
     src = _micro_dir(tmp_path, edit)
     assert main(["inspect", str(src)]) == 1
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "accounting    FAILS" in out and key in out
+    errors = [line for line in err.splitlines() if "error:" in line]  # one line: the loader's refusal
+    assert len(errors) == 1 and key in errors[0] and str(src) in errors[0]
     with pytest.raises(LoadError) as loaded:
         load_pretrained(src)
     with pytest.raises(LoadError) as converted:
@@ -150,3 +152,15 @@ def test_inspect_names_a_truncated_file(tmp_path, capsys) -> None:
     assert e.value.code != 0
     err = capsys.readouterr().err
     assert f"{src / 'model.safetensors'}: truncated: header says" in err and "Traceback" not in err
+
+
+def test_inspect_a_run_directory_reads_its_newest_checkpoint(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    for step in (2, 4):
+        ck = run / "checkpoints" / f"step-{step:08d}"
+        save_pretrained(build_model(get_preset("micro", vocab_size=64), seed=1), ck)
+        (ck / "COMMITTED").write_text("")
+    (run / "checkpoints" / "step-00000006").mkdir()  # not committed: ignored
+    assert main(["inspect", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "newest committed checkpoint, step-00000004" in out and "accounting    OK" in out

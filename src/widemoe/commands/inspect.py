@@ -1,5 +1,7 @@
 """`widemoe inspect DIR`: what a Hugging Face MoE checkpoint holds, without reading its weights.
 
+DIR is a Hugging Face model directory, or a training run directory (its newest committed checkpoint).
+
 Reads config.json and the safetensors headers (tensor data only to verify redundant copies, such as
 DeepSeek's MTP embed/head), then prints: the family, the routing and attention setup, a layer table,
 parameter counts (total / active per token, from ``widemoe.cost``), dtypes and bytes on disk, MTP
@@ -24,7 +26,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("dir", type=Path, help="Hugging Face model directory")
+    p.add_argument(
+        "dir",
+        type=Path,
+        help="Hugging Face model directory, or a training run directory (its newest checkpoint)",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -36,11 +42,25 @@ def _fmt_count(n: float) -> str:
     return str(int(n))
 
 
+def _checkpoint_dir(path: Path) -> Path:
+    """``path``, or a training run directory's newest committed checkpoint (said on stdout)."""
+    from widemoe.hf.resolve import SpecError, latest_checkpoint
+
+    if (path / "config.json").exists() or not (path / "checkpoints").is_dir():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise SpecError(f"{path} is a run directory without a committed checkpoint yet")
+    print(f"run directory {path}: its newest committed checkpoint, {latest.name}")
+    return latest
+
+
 def run(args: argparse.Namespace) -> int:
+    from widemoe.commands.errors import report_error
     from widemoe.cost import count_params
     from widemoe.hf import inspect_checkpoint
 
-    insp = inspect_checkpoint(args.dir)  # a damaged or unreadable directory: widemoe.cli prints why
+    insp = inspect_checkpoint(_checkpoint_dir(args.dir))  # damaged or unreadable: widemoe.cli says why
     pc = count_params(insp.declared)
     params = (
         f"  parameters    total {_fmt_count(pc.main_total)} + MTP {_fmt_count(pc.mtp)}, "
@@ -48,4 +68,6 @@ def run(args: argparse.Namespace) -> int:
         f"({_fmt_count(pc.active_without_embedding)} without the embedding)"
     )
     print("\n".join([str(insp.path), *insp.head, params, *insp.body]))
-    return 0 if insp.ok else 1
+    if insp.error is not None:  # the description above, then the loader's refusal as the error line
+        return report_error(insp.error)
+    return 0

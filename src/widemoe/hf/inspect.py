@@ -37,6 +37,7 @@ class Inspection:
     head: list[str] = field(default_factory=list)  # family, size, routing, positions
     body: list[str] = field(default_factory=list)  # weights, quantisation, MTP, layers, accounting, notes
     ok: bool = True  # the directory would load
+    error: LoadError | None = None  # why not: the loader's own exception
 
 
 def layer_rows(cfg: ModelConfig, adapter: FamilyAdapter) -> list[tuple[str, str, str]]:
@@ -119,7 +120,7 @@ def inspect_checkpoint(path: str | Path) -> Inspection:
     try:  # the loader's own accounting (copies verified too): inspect says OK exactly when it loads
         account_checkpoint(src, targets)
     except LoadError as e:
-        insp.ok = False
+        insp.ok, insp.error = False, e
         odd.append(str(e))
     insp.body.append(
         "  accounting    "

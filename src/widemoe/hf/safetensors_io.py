@@ -233,13 +233,15 @@ def read_tensor_table(path: Path, files: list[Path]) -> dict[str, TensorInfo]:
 
 def read_hf_config(path: Path) -> dict[str, Any]:
     p = path / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a directory (expected a Hugging Face model directory)")
+        raise NotADirectoryError(f"{path}: not a directory (expected a Hugging Face model directory)")
     try:
         d = json.loads(p.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no config.json") from None
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{p}: not valid JSON ({e})") from None
     if not isinstance(d, dict):
         raise ValueError(f"{p}: expected a JSON object")

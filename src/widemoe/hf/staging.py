@@ -33,6 +33,12 @@ class DestinationError(ValueError):
     """The destination cannot be written without losing or corrupting something."""
 
 
+class OverlapError(DestinationError):
+    """DST is SRC, lies inside it or contains it: the arguments contradict each other (a usage error)."""
+
+    exit_status = 2  # widemoe.commands.errors: a usage error
+
+
 def is_model_file(name: str, tokenizer_files: tuple[str, ...]) -> bool:
     return is_weight_file(name) or name in METADATA_FILES or name in tokenizer_files
 
@@ -41,9 +47,9 @@ def check_destination(dst: Path, src: Path, *, overwrite: bool) -> None:
     """Refuse (DestinationError) a destination that a write would clobber or that overlaps ``src``."""
     d, s = dst.resolve(), src.resolve()
     if d == s or d.is_relative_to(s) or s.is_relative_to(d):
-        raise DestinationError(
-            f"{dst}: the destination must not be the source {src}, lie inside it or contain it "
-            "(the source is read while the destination is written)"
+        raise OverlapError(
+            f"DST {dst} must differ from SRC {src}, and neither may lie inside the other "
+            "(SRC is read while DST is written)"
         )
     if dst.exists() and not dst.is_dir():
         raise DestinationError(f"{dst}: exists and is not a directory")
@@ -127,4 +133,4 @@ def staged_directory(dst: Path, tokenizer_files: tuple[str, ...] = ()) -> Iterat
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["DestinationError", "check_destination", "is_model_file", "staged_directory"]
+__all__ = ["DestinationError", "OverlapError", "check_destination", "is_model_file", "staged_directory"]
