@@ -2,8 +2,10 @@
 
 What it guarantees (shared/reference/user-needs.md items 1, 3, 14, 19, 23):
 
-- **Strict accounting** (`widemoe.hf.plan`): every source tensor is mapped by the family adapter and
-  checked before a byte of weights is read; a gap is a :class:`LoadError` listing the keys.
+- **Strict accounting** (`widemoe.hf.source.account_checkpoint`, the one check `inspect` and `convert`
+  run too): every source tensor is mapped by the family adapter and checked before a weight is loaded,
+  redundant copies are verified against what they copy; a gap is a :class:`LoadError` listing the
+  keys. A missing or truncated weight file is a `DamagedCheckpointError` (a `LoadError`) naming it.
 - **Memory.** The model is built with parameters on ``meta`` (buffers real), then allocated empty in
   the target dtype. Tensors are read one at a time straight from the safetensors file into the
   preallocated parameter (``readinto``, no mmap, no intermediate copy) when the dtype matches, or
