@@ -126,10 +126,10 @@ class Trainer:
     def _restore(self, ckpt: Path) -> None:
         saved = self.checkpointer.read_state(ckpt)
         step = int(saved["step"])
-        complete = check_resume_steps(step, self.tc)
         where = f"step {step} of {self.run_dir}"
         changes = config_changes(json.loads(saved.get("train_config", "{}")), self.tc, where)
-        st = self.checkpointer.load(ckpt, self.model, self.optimizer)
+        st = self.checkpointer.load(ckpt, self.model, self.optimizer)  # a damaged file shows here
+        complete = check_resume_steps(step, self.tc)  # about the checkpoint that loads, not a damaged one
         self.scheduler.load_state_dict(st["scheduler"])
         self.data.train.load_state_dict(json.loads(st["data"]))
         torch.set_rng_state(st["torch_rng"])
