@@ -64,9 +64,13 @@ def check_resume_steps(step: int, tc: TrainConfig) -> str | None:
     """Refuse a resume whose schedule or `stop_at` ends before `step` (it would train nothing, and the
     schedule would not be the run's); one that ends at `step` returns the statement that nothing is left."""
     if tc.steps < step:
-        raise RunDirError(f"checkpoint is at step {step}; --steps {tc.steps} would train nothing")
+        raise RunDirError(
+            f"{tc.run_dir}: checkpoint is at step {step}; --steps {tc.steps} would train nothing"
+        )
     if tc.stop_at is not None and tc.stop_at < step:
-        raise RunDirError(f"checkpoint is at step {step}; --stop-at {tc.stop_at} would train nothing")
+        raise RunDirError(
+            f"{tc.run_dir}: checkpoint is at step {step}; --stop-at {tc.stop_at} would train nothing"
+        )
     if step == tc.steps:
         return f"the run is complete at step {step} (--steps {step})"
     if step == tc.stop_at:
