@@ -171,7 +171,8 @@ def test_retention_keeps_newest(tmp_path, corpus, cache_dir):
 
 def test_aux_free_balancing_lowers_max_vio_against_none(tmp_path, corpus, cache_dir):
     def final_max_vio(balance):
-        tc = tc_for(tmp_path / balance, steps=40, balance=balance, bias_update_speed=0.02, lr=1e-3)
+        speed = 0.02 if balance == "aux-free" else None  # the bias speed applies to aux-free only
+        tc = tc_for(tmp_path / balance, steps=40, balance=balance, bias_update_speed=speed, lr=1e-3)
         recs = [r for r in read_metrics_after(make_trainer(tc, corpus, cache_dir)) if r["kind"] == "train"]
         return sum(r["max_vio_mean"] for r in recs[-10:]) / 10
 

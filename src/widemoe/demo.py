@@ -56,7 +56,7 @@ def demo_config(run_dir: str, steps: int, balance: str, seed: int) -> TrainConfi
         eval_batches=2,
         save_every=max(1, steps // 2),
         balance=balance,
-        bias_update_speed=0.01,
+        bias_update_speed=0.01 if balance == "aux-free" else None,  # the bias moves in aux-free only
         bf16=False,
         seed=seed,
     )
