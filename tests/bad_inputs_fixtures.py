@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -74,6 +76,9 @@ def _checkpoints(root: Path, ck: Path) -> dict[str, Path]:
     (d / "config.json").write_text('{"model_type": "deepseek_v3", "hidden_size": ')
     d = out["binary_config"] = _copy(ck, bad / "binary_config")
     (d / "config.json").write_bytes(b"\xff\xfe\x00garbage\x80")
+    d = out["config_is_dir"] = _copy(ck, bad / "config_is_dir")
+    (d / "config.json").unlink()
+    (d / "config.json").mkdir()
     d = out["config_list"] = _copy(ck, bad / "config_list")
     (d / "config.json").write_text("[1, 2, 3]")
     variants = {
@@ -144,6 +149,10 @@ def _runs(root: Path, run: Path) -> dict[str, Path]:
     (d / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": \nnot json\n')
     d = out["run_empty_metrics"] = _copy(run, root / "run_empty_metrics")
     (d / "metrics.jsonl").write_text("")
+    # locked by a live training: pid 1 on this host is always alive
+    d = out["run_locked"] = _copy(run, root / "run_locked")
+    owner = {"pid": 1, "host": socket.gethostname(), "since": time.time(), "argv": ["widemoe", "train"]}
+    (d / ".lock").write_text(json.dumps(owner) + "\n")
     return out
 
 

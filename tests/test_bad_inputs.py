@@ -99,6 +99,9 @@ ROWS: list[Row] = [
       both(r"index_garbled/model\.safetensors\.index\.json", r"not a valid")),
     R("inspect-run-dir-damaged", "inspect {run_truncated}", 1,
       r"run_truncated/checkpoints/step-00000002/model\.safetensors: truncated"),
+    R("inspect-run-no-ckpt", "inspect {run_no_ckpt}", 1, r"run_no_ckpt.*without a committed checkpoint"),
+    R("inspect-config-is-dir", "inspect {config_is_dir}", 1,
+      both(r"config_is_dir/config\.json", r"is a directory|is not a file")),
     # --- generate ---------------------------------------------------------------------------------
     R("generate-missing-prompt", "generate micro", 2, r"required.*prompt"),
     R("generate-missing-all", "generate", 2, r"required"),
@@ -151,6 +154,10 @@ ROWS: list[Row] = [
     R("generate-tokens-not-int", "generate micro x --max-new-tokens many", 2,
       r"--max-new-tokens.*invalid int.*many"),
     R("generate-too-big", "generate deepseek-v3 x", 1, r"deepseek-v3.*does not fit"),
+    R("generate-config-is-dir", "generate {config_is_dir} x", 1,
+      both(r"config_is_dir/config\.json", r"is a directory|is not a file")),
+    R("generate-cfg-topk", "generate {cfg_topk_json} x", 1,
+      r"num_experts_per_tok=9 exceeds n_routed_experts=8"),
     # --- convert ----------------------------------------------------------------------------------
     R("convert-missing-dst", "convert {ck}", 2, r"required.*dst"),
     R("convert-src-nonexistent", "convert {missing} {new_out}", 1,
@@ -236,6 +243,10 @@ ROWS: list[Row] = [
     R("cost-hf-dir-str-int", "cost {config_str_int}", 1, r"hidden_size.*'64'.*int"),
     R("cost-hf-dir-no-config", "cost {no_config}", 1, r"no_config.*config\.json"),
     R("cost-compare-unknown", "cost --compare micro nonesuch", 2, r"unknown preset 'nonesuch'"),
+    R("cost-hf-dir-unknown-type", "cost {config_unknown_type}", 1,
+      r"model_type='gpt2'.*not a supported family"),
+    R("cost-plot-missing-dir", ("cost", "--plot", "{missing}/plot.png"), 1,
+      both(r"does_not_exist", r"no such|not found|does not exist")),
     # --- train ------------------------------------------------------------------------------------
     R("train-steps-zero", ("train", *TN, "--steps", "0"), 2, r"steps.*0.*>= 1"),
     R("train-batch-zero", ("train", *TN, "--batch-size", "0"), 2, r"batch.size.*0.*>= 1"),
@@ -283,6 +294,22 @@ ROWS: list[Row] = [
       r"run.*(--resume|--fresh)"),
     R("train-threads-word", ("train", *TN), 1, r"WIDEMOE_THREADS.*'many'.*integer",
       WIDEMOE_THREADS="many"),
+    R("train-locked-resume", ("train", *T, "--resume", "--run-dir", "{run_locked}"), 1,
+      r"run_locked is in use by another training: process 1 on"),
+    R("train-locked-fresh", ("train", *T, "--fresh", "--run-dir", "{run_locked}"), 1,
+      r"run_locked is in use by another training: process 1 on"),
+    R("train-locked-new-run", ("train", *T, "--run-dir", "{run_locked}"), 1,
+      r"run_locked is in use by another training: process 1 on"),
+    R("train-resume-steps-below", ("train", *T, "--resume", "--run-dir", "{run}", "--steps", "1"), 1,
+      both(r"--steps", r"\b1\b", r"step 2")),
+    R("train-config-nan", ("train", *TN, "--config", "{cfg_nan_json}"), 1,
+      r"rms_norm_eps=nan must be a finite"),
+    R("train-preset-garbled-dir", ("train", *TN, "--preset", "{garbled_config}"), 1,
+      both(r"garbled_config/config\.json", r"JSON")),
+    R("train-preset-nonexistent-path", ("train", *TN, "--preset", "{missing}/"), 1,
+      both(r"does_not_exist", r"no such|not found|does not exist")),
+    R("train-cache-a-file", ("train", *TN), 1, both(r"a_file\.txt", r"WIDEMOE_CACHE|not a directory"),
+      WIDEMOE_CACHE="{a_file}"),
     # --- report -----------------------------------------------------------------------------------
     R("report-missing-arg", "report", 2, r"required.*RUN_DIR"),
     R("report-nonexistent", "report {missing}", 2, both(r"does_not_exist", r"does not exist")),
@@ -361,5 +388,7 @@ def check_row(row: Row, fixtures: dict[str, str], capsys, monkeypatch) -> None:
 
 
 def test_rows_are_many_and_distinct() -> None:
+    assert len(ROWS) >= 60
+    assert {r.argv[0] for r in ROWS} >= {"inspect", "generate", "convert", "cost", "train", "report"}
     assert len({r.id for r in ROWS}) == len(ROWS)
     assert len({(r.argv, tuple(sorted(r.env.items()))) for r in ROWS}) == len(ROWS)
