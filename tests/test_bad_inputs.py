@@ -310,6 +310,8 @@ ROWS: list[Row] = [
       both(r"does_not_exist", r"no such|not found|does not exist")),
     R("train-cache-a-file", ("train", *TN), 1, both(r"a_file\.txt", r"WIDEMOE_CACHE|not a directory"),
       WIDEMOE_CACHE="{a_file}"),
+    R("train-too-big", "train --preset deepseek-v3 --no-progress --run-dir {new_out}", 1,
+      both(r"deepseek-v3", r"\d+(\.\d+)? TB", r"available")),
     # --- report -----------------------------------------------------------------------------------
     R("report-missing-arg", "report", 2, r"required.*RUN_DIR"),
     R("report-nonexistent", "report {missing}", 2, both(r"does_not_exist", r"does not exist")),
