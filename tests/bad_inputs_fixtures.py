@@ -190,6 +190,9 @@ def build_fixtures(root: Path, run: Path) -> dict[str, str]:
     save_pretrained(WideMoeForCausalLM(get_preset("micro")), sharded, max_shard_size="200KB")
     paths: dict[str, Path] = {"ck": ck, "ck_sharded": sharded, "run": _copy(run, root / "run")}
     paths["dst_existing"] = _copy(ck, root / "dst_existing")
+    paths["dst_user"] = root / "dst_user"  # a directory of the user's own files
+    paths["dst_user"].mkdir()
+    (paths["dst_user"] / "notes.txt").write_text("mine\n")
     paths.update(_checkpoints(root, ck))
     paths.update(_sharded(root, sharded))
     paths.update(_runs(root, paths["run"]))
