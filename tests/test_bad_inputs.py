@@ -333,6 +333,9 @@ ROWS: list[Row] = [
       r"run_no_metrics/metrics\.jsonl not found"),
     R("report-empty-metrics", "report {run_empty_metrics} --out {new_out}", 2,
       r"run_empty_metrics/metrics\.jsonl.*no .eval. record"),
+    R("report-checkpoint-dir", "report {ck}", 2, r"ck/metrics\.jsonl not found"),
+    R("report-out-nested-in-file", "report {run} --out {a_file}/sub", 1,
+      both(r"a_file\.txt", r"not a directory")),
     # --- top level --------------------------------------------------------------------------------
     R("unknown-command", "serve micro", 2, r"invalid choice.*serve"),
 ]
