@@ -93,6 +93,8 @@ def _checkpoints(root: Path, ck: Path) -> dict[str, Path]:
         "config_negative": {"num_hidden_layers": -1},
         "config_topk_gt_experts": {"num_experts_per_tok": 16},
         "config_no_vocab": {"vocab_size": _DELETE},
+        "config_widemoe_str": {"widemoe": "x"},
+        "config_widemoe_bad_type": {"widemoe": {"capacity_factor": "large"}},
     }
     for name, changes in variants.items():
         d = out[name] = _copy(ck, bad / name)

@@ -102,6 +102,8 @@ ROWS: list[Row] = [
     R("inspect-run-no-ckpt", "inspect {run_no_ckpt}", 1, r"run_no_ckpt.*without a committed checkpoint"),
     R("inspect-config-is-dir", "inspect {config_is_dir}", 1,
       both(r"config_is_dir/config\.json", r"is a directory|is not a file")),
+    R("inspect-widemoe-block-bad-type", "inspect {config_widemoe_bad_type}", 1,
+      both(r"config_widemoe_bad_type/config\.json", r"capacity_factor='large'.*number")),
     # --- generate ---------------------------------------------------------------------------------
     R("generate-missing-prompt", "generate micro", 2, r"required.*prompt"),
     R("generate-missing-all", "generate", 2, r"required"),
@@ -259,6 +261,8 @@ ROWS: list[Row] = [
       r"model_type='gpt2'.*not a supported family"),
     R("cost-plot-missing-dir", ("cost", "--plot", "{missing}/plot.png"), 1,
       both(r"does_not_exist", r"no such|not found|does not exist")),
+    R("cost-widemoe-block-bad-type", "cost {config_widemoe_bad_type}", 1,
+      both(r"config_widemoe_bad_type/config\.json", r"capacity_factor='large'.*number")),
     # --- train ------------------------------------------------------------------------------------
     R("train-steps-zero", ("train", *TN, "--steps", "0"), 2, r"steps.*0.*>= 1"),
     R("train-batch-zero", ("train", *TN, "--batch-size", "0"), 2, r"batch.size.*0.*>= 1"),
