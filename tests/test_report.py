@@ -267,3 +267,11 @@ def test_command_through_the_cli_entry_point(tmp_path, monkeypatch, capsys):
         monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "report"))
     assert cli.main(["report", str(tmp_path / "nothing-here")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_summary_states_the_peak_mfu_is_measured_against(built):
+    """MFU depends on a peak measured once at start-up on a shared machine: the summary and the page say
+    which peak, so a figure taken on a busy machine can be judged (issue 11)."""
+    run, _ = built
+    assert summarise(load_run(run)).peak_flops == 1e11
+    assert "MFU is against a 100 GFLOP/s matmul peak measured at start-up" in summary_text(run)

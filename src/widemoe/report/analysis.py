@@ -264,6 +264,7 @@ class RunSummary:
     tokens: int
     tokens_per_s: float | None  # median over steps, the first (warm-up) step left out
     mfu: float | None  # median, same steps
+    peak_flops: float | None  # the matmul FLOP/s MFU is measured against (measured once, at start-up)
     final_train_loss: float | None  # LM loss of the last step's batch (the total adds MTP and aux losses)
     eval_step: int
     heldout_loss: dict[str, float]
@@ -296,6 +297,7 @@ def summarise(run: RunData) -> RunSummary:
         tokens=int(last_train.get("tokens", ev.get("tokens", 0))),
         tokens_per_s=_median([r["tokens_per_s"] for r in steady if "tokens_per_s" in r]),
         mfu=_median([r["mfu"] for r in steady if "mfu" in r]),
+        peak_flops=(run.start or {}).get("peak_flops"),
         final_train_loss=last_train.get("lm_loss", last_train.get("loss")),
         eval_step=int(ev.get("step", 0)),
         heldout_loss=dict(ev.get("heldout_loss", {})),

@@ -87,10 +87,18 @@ def summary_text(run_dir: str | Path) -> str:
     return _summary_text(summarise(run), run.summary)
 
 
+def _peak(s: RunSummary) -> str:
+    """The peak MFU is taken against: one matmul measured at start-up on a possibly shared machine, so a
+    busy start makes MFU read high; shown so the figure can be judged."""
+    if not s.peak_flops:
+        return ""
+    return f"\n  MFU is against a {s.peak_flops / 1e9:.0f} GFLOP/s matmul peak measured at start-up"
+
+
 def _summary_text(s: RunSummary, extra: dict[str, Any]) -> str:
     lines = [f"run {s.run_dir}", "  " + _model_line(s),
              f"  trained {s.steps:,} steps, {_count(s.tokens)} tokens, "
-             f"{_count(s.tokens_per_s)} tokens/s, MFU {_pct(s.mfu)} (medians over steps)"]
+             f"{_count(s.tokens_per_s)} tokens/s, MFU {_pct(s.mfu)} (medians over steps){_peak(s)}"]
     if s.stopped:
         lines.append(f"  STOPPED: {s.stopped}")
     lines.append(f"held-out loss at step {s.eval_step} (nats/token):")
@@ -178,6 +186,7 @@ def render_html(s: RunSummary, run: RunData, figures: dict[str, Path], embed: bo
     parts.append("<h2>Run</h2>")
     rows = [["model", e(_model_line(s))], ["steps", f"{s.steps:,}"], ["tokens", f"{s.tokens:,}"],
             ["tokens/s (median)", _count(s.tokens_per_s)], ["MFU (median)", _pct(s.mfu)],
+            ["matmul peak MFU is against", "" if not s.peak_flops else f"{s.peak_flops / 1e9:.0f} GFLOP/s"],
             ["final train LM loss (last batch)",
              "n/a" if s.final_train_loss is None else f"{s.final_train_loss:.4f}"],
             ["held-out MaxVio, mean over layers", f"{s.heldout_max_vio_mean:.4f}"],
