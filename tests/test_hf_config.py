@@ -210,3 +210,81 @@ def test_widemoe_only_fields_round_trip() -> None:
     out = model_config_to_hf(cfg)
     assert out["widemoe"]["capacity_factor"] == 1.25
     assert hf_to_model_config(out)[0] == cfg
+
+
+# --- wrong-typed values in config.json (issue 11 defect 6): the key, the value and the type are named
+
+
+def _v4(layout: str = "transformers") -> dict:
+    return model_config_to_hf(get_preset("deepseek-v4-flash"), layout=layout)
+
+
+def _qwen3() -> dict:
+    return transformers.Qwen3MoeConfig(num_hidden_layers=2, num_experts=8).to_dict()
+
+
+def _v2() -> dict:
+    return transformers.DeepseekV2Config(num_hidden_layers=2, num_experts_per_tok=6).to_dict()
+
+
+def _olmoe() -> dict:
+    return transformers.OlmoeConfig(num_hidden_layers=2).to_dict()
+
+
+def _mixtral() -> dict:
+    return transformers.MixtralConfig(num_hidden_layers=2).to_dict()
+
+
+_WRONG_TYPES = [
+    # explicit nulls that used to crash float() or become False through bool()
+    (_v3_legacy, {"routed_scaling_factor": None}, r"routed_scaling_factor=None must be a number, not null"),
+    (_v3_legacy, {"aux_loss_alpha": None}, r"aux_loss_alpha=None must be a number, not null"),
+    (_v3_legacy, {"norm_topk_prob": None}, r"norm_topk_prob=None must be a boolean .*not null"),
+    (_v3_legacy, {"rope_interleave": None}, r"rope_interleave=None must be a boolean .*not null"),
+    (_qwen3, {"router_aux_loss_coef": None}, r"router_aux_loss_coef=None must be a number, not null"),
+    (_qwen3, {"norm_topk_prob": None}, r"norm_topk_prob=None must be a boolean .*not null"),
+    (_olmoe, {"norm_topk_prob": None}, r"norm_topk_prob=None must be a boolean .*not null"),
+    # raw flags read by truthiness: "false" is not false
+    (_v3_legacy, {"attention_bias": "false"}, r"attention_bias='false' must be a boolean .*not a string"),
+    (_v3_legacy, {"mlp_bias": "false"}, r"mlp_bias='false' must be a boolean .*not a string"),
+    (_qwen3, {"mlp_bias": "false"}, r"mlp_bias='false' must be a boolean .*not a string"),
+    (_qwen3, {"use_sliding_window": "false"}, r"use_sliding_window='false' must be a boolean .*not a string"),
+    (_v2, {"norm_topk_prob": "false"}, r"norm_topk_prob='false' must be a boolean .*not a string"),
+    (_v2, {"num_nextn_predict_layers": "0"}, r"num_nextn_predict_layers='0' must be an integer"),
+    (_v3_legacy, {"moe_layer_freq": "1"}, r"moe_layer_freq='1' must be an integer"),
+    (_v3_legacy, {"attention_dropout": "0.0"}, r"attention_dropout='0.0' must be a number"),
+    (_qwen3, {"decoder_sparse_step": "2"}, r"decoder_sparse_step='2' must be an integer"),
+    (_mixtral, {"router_jitter_noise": "0"}, r"router_jitter_noise='0' must be a number"),
+    # DeepSeek-V4: its reads go through the same type pass
+    (_v4, {"hc_mult": "4"}, r"hc_mult='4' must be an integer, not a string"),
+    (_v4, {"num_hidden_layers": True}, r"num_hidden_layers=True must be an integer, not a boolean"),
+    (_v4, {"tie_word_embeddings": "false"}, r"tie_word_embeddings='false' must be a boolean .*not a string"),
+    (_v4, {"routed_scaling_factor": "1.5"}, r"routed_scaling_factor='1.5' must be a number, not a string"),
+    (_v4, {"hc_eps": float("nan")}, r"hc_eps=nan must be a finite number"),
+    (_v4, {"head_dim": 512.0}, r"head_dim=512.0 must be an integer"),
+    (_v4, {"partial_rotary_factor": "0.125"}, r"partial_rotary_factor='0.125' must be a number"),
+    (_v4, {"output_router_logits": "false"}, r"output_router_logits='false' must be a boolean"),
+    (_v4, {"num_key_value_heads": "1"}, r"num_key_value_heads='1' must be an integer"),
+    (
+        _v4,
+        {"compress_rates": {"compressed_sparse_attention": "4"}},
+        r"compress_rates\.compressed_sparse_attention='4' must be an integer",
+    ),
+    (lambda: _v4("native"), {"qk_rope_head_dim": "64"}, r"qk_rope_head_dim='64' must be an integer"),
+    (lambda: _v4("native"), {"num_hash_layers": 3.0}, r"num_hash_layers=3.0 must be an integer"),
+    (lambda: _v4("native"), {"compress_rate_hca": True}, r"compress_rate_hca=True must be an integer"),
+    (lambda: _v4("native"), {"compress_ratios": [False] * 44}, r"compress_ratios=.* must be a list of int"),
+]
+
+
+@pytest.mark.parametrize("base,change,message", _WRONG_TYPES)
+def test_wrong_typed_values_are_named_with_key_value_and_type(base, change: dict, message: str) -> None:  # noqa: ANN001
+    d = {**base(), **change}
+    with pytest.raises(ConfigError, match=r"^x/config\.json: " + message):
+        hf_to_model_config(d, source="x/config.json")
+
+
+def test_valid_v4_configs_read_as_before() -> None:
+    want = get_preset("deepseek-v4-flash")
+    for layout in ("transformers", "native"):
+        assert hf_to_model_config(_v4(layout), source="x/config.json")[0] == want

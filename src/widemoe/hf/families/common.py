@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from widemoe.config import ConfigError, ModelConfig, check_field_value, config_source
-from widemoe.config_types import is_finite_number
+from widemoe.config_types import Kind, check_value, is_finite_number
 
 _FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
@@ -72,6 +72,13 @@ class HfFields:
         check_field_value(field, value, key=key or field, source=self.source)
         return value
 
+    def raw(self, key: str, base: type, default: Any = None) -> Any:
+        """config.json's `key`, read as it is (no ModelConfig field, or one the family refuses or
+        ignores), checked to be a `base` (bool, int or float) or null; `default` when absent or null."""
+        self.used.add(key)
+        v = check_raw(key, self.hf.get(key), base, self.source)
+        return default if v is None else v
+
     def seen(self, *keys: str) -> None:
         """Mark fields as read (checked by the caller without `get`)."""
         self.used.update(keys)
@@ -79,6 +86,16 @@ class HfFields:
     def refuse(self, cond: bool, msg: str) -> None:
         if cond:
             raise ConfigError(f"{self.source}: {msg}")
+
+
+def check_raw(key: str, value: Any, base: type, source: str, item: type | None = None) -> Any:
+    """`value` of config.json's `key` when it is a `base` (bool, int, float; tuple of `item`: a list) or
+    null, normalised (ints become floats where floats belong); else ConfigError naming the key, the
+    value and the expected type."""
+    checked, error = check_value(key, Kind(base, item=item, optional=True), value)
+    if error is not None:
+        raise ConfigError(f"{source}: {error}")
+    return checked
 
 
 def read_core(r: HfFields) -> dict[str, Any]:
@@ -91,7 +108,7 @@ def read_core(r: HfFields) -> dict[str, Any]:
         )
     act = r.get("hidden_act") or "silu"
     r.refuse(act != "silu", f"hidden_act={act!r} is not supported (only 'silu' SwiGLU)")
-    drop = hf.get("attention_dropout") or 0.0
+    drop = r.raw("attention_dropout", float, 0.0)
     r.refuse(drop != 0, f"attention_dropout={drop} is not supported (widemoe has no attention dropout)")
     eos = r.get("eos_token_id")
     tie, init = r.get("tie_word_embeddings"), r.get("initializer_range")
@@ -246,5 +263,6 @@ __all__ = [
     "finish",
     "read_core",
     "requirement",
+    "check_raw",
     "widemoe_block",
 ]

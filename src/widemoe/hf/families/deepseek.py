@@ -53,9 +53,9 @@ class _DeepSeekFamily(FamilyAdapter):
         if hf.get("model_type") == "kimi_k2":
             r.notices.append("model_type 'kimi_k2' is read as the DeepSeek-V3 architecture")
         c = read_core(r)
-        r.refuse(bool(hf.get("attention_bias")), "attention_bias=true is not supported for MLA attention")
-        r.refuse(bool(hf.get("mlp_bias")), "mlp_bias=true is not supported")
-        mlf = hf.get("moe_layer_freq", 1)
+        r.refuse(r.raw("attention_bias", bool, False), "attention_bias=true is not supported (MLA attention)")
+        r.refuse(r.raw("mlp_bias", bool, False), "mlp_bias=true is not supported")
+        mlf = r.raw("moe_layer_freq", int, 1)
         r.refuse(
             mlf != 1,
             f"moe_layer_freq={mlf} is not supported (transformers and widemoe use every layer "
@@ -71,7 +71,7 @@ class _DeepSeekFamily(FamilyAdapter):
             first_k_dense_replace=r.get("first_k_dense_replace") or 0,
             n_group=r.get("n_group") or 1,
             topk_group=r.get("topk_group") or 1,
-            routed_scaling_factor=float(r.get("routed_scaling_factor")),
+            routed_scaling_factor=r.get("routed_scaling_factor"),
             q_lora_rank=r.get("q_lora_rank") or None,
             kv_lora_rank=r.get("kv_lora_rank"),
             qk_nope_head_dim=r.get("qk_nope_head_dim"),
@@ -79,7 +79,7 @@ class _DeepSeekFamily(FamilyAdapter):
             v_head_dim=r.get("v_head_dim"),
         )
         if "aux_loss_alpha" in hf:
-            c["aux_loss_alpha"] = float(r.get("aux_loss_alpha"))
+            c["aux_loss_alpha"] = r.get("aux_loss_alpha")
         self._routing_from_hf(r, c)
         return finish(r, c, handled=self._own_widemoe_fields(r, c))
 
@@ -205,8 +205,8 @@ class DeepSeekV3(_DeepSeekFamily):
         c.update(
             scoring_func="sigmoid",
             topk_method="noaux_tc",
-            norm_topk_prob=bool(r.get("norm_topk_prob")),
-            rope_interleave=bool(r.get("rope_interleave")),
+            norm_topk_prob=r.get("norm_topk_prob"),
+            rope_interleave=r.get("rope_interleave"),
             num_nextn_predict_layers=r.get("num_nextn_predict_layers", "num_mtp_layers") or 0,
         )
 
@@ -260,12 +260,12 @@ class DeepSeekV2(_DeepSeekFamily):
             tm not in ("greedy", "group_limited_greedy"),
             f"topk_method={tm!r} is not supported for deepseek_v2 (greedy or group_limited_greedy)",
         )
-        if r.hf.get("norm_topk_prob"):
+        if r.raw("norm_topk_prob", bool):
             r.notices.append(
                 "norm_topk_prob=true ignored: transformers 5.24's DeepSeek-V2 router never "
                 "renormalises, and widemoe matches it"
             )
-        mtp = r.hf.get("num_nextn_predict_layers") or 0
+        mtp = r.raw("num_nextn_predict_layers", int, 0)
         r.refuse(mtp != 0, f"num_nextn_predict_layers={mtp}: DeepSeek-V2 has no MTP modules")
         r.seen("norm_topk_prob", "num_nextn_predict_layers")
         c.update(scoring_func="softmax", topk_method=tm, norm_topk_prob=False, rope_interleave=True)

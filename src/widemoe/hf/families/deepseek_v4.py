@@ -29,8 +29,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from widemoe.config import V4_LAYER_TYPES, ConfigError, ModelConfig
+from widemoe.config import V4_LAYER_TYPES, ConfigError, ModelConfig, check_field_value, config_source
 from widemoe.hf.families.base import FamilyAdapter, Redundant, Shapes, Slot, expert_slot, stacked_expert_keys
+from widemoe.hf.families.common import check_raw
 
 SW, CSA, HCA = V4_LAYER_TYPES
 _RATIO_TO_TYPE = {0: SW, 4: CSA, 128: HCA}
@@ -51,11 +52,14 @@ _DEFAULTS: dict[str, Any] = dict(
 # config.json
 
 
-def _getter(hf: dict[str, Any]) -> Any:
+def _getter(hf: dict[str, Any], source: str) -> Any:
+    """``get(field, *alternative keys)``: the first non-null value, checked against the type of
+    ModelConfig's `field` (ConfigError naming the key), else transformers' default."""
+
     def get(key: str, *alts: str) -> Any:
         for k in (key, *alts):
             if hf.get(k) is not None:
-                return hf[k]
+                return check_field_value(key, hf[k], key=k, source=source)
         return _DEFAULTS.get(key)
 
     return get
@@ -66,12 +70,13 @@ def _layer_schedule(
 ) -> tuple[tuple[str, ...], int]:
     """(attention type per layer, number of hash-routed layers) from the modern or the legacy keys."""
     if hf.get("layer_types") is not None:
-        types = tuple(hf["layer_types"][:L])
+        types = check_field_value("layer_types", hf["layer_types"], source=source)[:L]
     elif hf.get("compress_ratios") is not None:
-        bad = [r for r in hf["compress_ratios"] if r not in _RATIO_TO_TYPE]
+        ratios = check_raw("compress_ratios", hf["compress_ratios"], tuple, source, item=int)
+        bad = [r for r in ratios if r not in _RATIO_TO_TYPE]
         if bad:
             raise ConfigError(f"{source}: compress_ratios contains {bad}; each entry must be 0, 4 or 128")
-        types = tuple(_RATIO_TO_TYPE[r] for r in hf["compress_ratios"][:L])
+        types = tuple(_RATIO_TO_TYPE[r] for r in ratios[:L])
         if len(hf["compress_ratios"]) > L:
             notices.append(
                 f"compress_ratios has {len(hf['compress_ratios'])} entries for {L} layers; "
@@ -80,12 +85,13 @@ def _layer_schedule(
     else:
         types = ()  # transformers' default schedule
     if hf.get("mlp_layer_types") is not None:
-        mlp = list(hf["mlp_layer_types"][:L])
+        mlp = list(check_raw("mlp_layer_types", hf["mlp_layer_types"], tuple, source, item=str)[:L])
         n_hash = sum(t == "hash_moe" for t in mlp)
         if mlp != ["hash_moe"] * n_hash + ["moe"] * (len(mlp) - n_hash):
             raise ConfigError(f"{source}: mlp_layer_types={mlp} must be hash_moe layers first, then moe")
     else:
-        n_hash = min(L, int(hf["num_hash_layers"] if hf.get("num_hash_layers") is not None else 3))
+        n_hash = check_raw("num_hash_layers", hf.get("num_hash_layers"), int, source)
+        n_hash = min(L, 3 if n_hash is None else n_hash)
     return types, n_hash
 
 
@@ -103,8 +109,10 @@ def _rope(hf: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, An
         raise ConfigError(f"{source}: rope type {kind!r} is not supported for deepseek_v4 (default or yarn)")
     rope_scaling = {
         "type": "yarn",
-        "factor": float(rs_src["factor"]),
-        "original_max_position_embeddings": int(rs_src["original_max_position_embeddings"]),
+        "factor": check_raw("factor", rs_src.get("factor"), float, source),
+        "original_max_position_embeddings": check_raw(
+            "original_max_position_embeddings", rs_src.get("original_max_position_embeddings"), int, source
+        ),
     }
     for k in ("beta_fast", "beta_slow", "truncate"):
         if rs_src.get(k) is not None:
@@ -117,13 +125,23 @@ def _rope(hf: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, An
     return main, comp, rope_scaling
 
 
-def _v4_fields(hf: dict[str, Any], get: Any, comp: dict[str, Any], n_hash: int) -> dict[str, Any]:
+def _v4_fields(
+    hf: dict[str, Any], get: Any, comp: dict[str, Any], n_hash: int, source: str
+) -> dict[str, Any]:
     """The V4-only ModelConfig fields (compression, hyper-connections, grouped output, indexer)."""
-    rates = dict(hf.get("compress_rates") or {})
+    rates = check_raw("compress_rates", hf.get("compress_rates"), dict, source) or {}
+
+    def rate(field: str, kind: str, default: int) -> int:
+        if hf.get(field) is not None:
+            return check_field_value(field, hf[field], source=source)
+        v = check_field_value(field, rates.get(kind, default), key=f"compress_rates.{kind}", source=source)
+        return v
+
+    theta = comp.get("rope_theta")
     return dict(
-        compress_rate_csa=int(hf.get("compress_rate_csa") or rates.get(CSA, 4)),
-        compress_rate_hca=int(hf.get("compress_rate_hca") or rates.get(HCA, 128)),
-        compress_rope_theta=float(comp.get("rope_theta", get("compress_rope_theta"))),
+        compress_rate_csa=rate("compress_rate_csa", CSA, 4),
+        compress_rate_hca=rate("compress_rate_hca", HCA, 128),
+        compress_rope_theta=get("compress_rope_theta") if theta is None else _checked_theta(theta, source),
         sliding_window=int(get("sliding_window")),
         hc_mult=int(get("hc_mult")),
         hc_sinkhorn_iters=int(get("hc_sinkhorn_iters")),
@@ -141,21 +159,24 @@ def _v4_fields(hf: dict[str, Any], get: Any, comp: dict[str, Any], n_hash: int) 
 def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> tuple[ModelConfig, list[str]]:
     """ModelConfig of a V4 config.json in the modern (transformers) or the legacy (release) form."""
     notices: list[str] = []
-    get = _getter(hf)
+    get = _getter(hf, source)
     L = int(get("num_hidden_layers"))
     head_dim = int(get("head_dim"))
     if hf.get("qk_rope_head_dim") is not None:
-        rope = int(hf["qk_rope_head_dim"])
+        rope = get("qk_rope_head_dim")
     else:
-        rope = int(round(head_dim * float(hf.get("partial_rotary_factor") or 64 / 512)))
+        rope = int(round(head_dim * (check_raw("partial_rotary_factor", hf.get("partial_rotary_factor"),
+                                               float, source) or 64 / 512)))  # fmt: skip
     types, n_hash = _layer_schedule(hf, L, source, notices)
     main, comp, rope_scaling = _rope(hf, source)
-    if hf.get("num_key_value_heads") not in (None, 1):
+    if check_raw("num_key_value_heads", hf.get("num_key_value_heads"), int, source) not in (None, 1):
         raise ConfigError(
             f"{source}: num_key_value_heads={hf['num_key_value_heads']} must be 1 for deepseek_v4"
         )
     moe_I = int(get("moe_intermediate_size", "intermediate_size"))
-    cfg = ModelConfig(
+    v4 = dict(_v4_fields(hf, get, comp, n_hash, source), router_aux_loss_coef=_aux_coef(hf, get, source))
+    v4.update(rope_theta=float(_main_theta(main, get, source)), layer_types=types)
+    kw: dict[str, Any] = dict(
         model_type="deepseek_v4", vocab_size=int(get("vocab_size")), hidden_size=int(get("hidden_size")),
         num_hidden_layers=L, intermediate_size=moe_I, moe_intermediate_size=moe_I,
         n_routed_experts=int(get("n_routed_experts", "num_local_experts")),
@@ -165,17 +186,36 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> tuple[
         scoring_func=str(get("scoring_func")), topk_method="noaux_tc", norm_topk_prob=True,
         num_attention_heads=int(get("num_attention_heads")), num_key_value_heads=1, head_dim=head_dim,
         q_lora_rank=int(get("q_lora_rank")), qk_rope_head_dim=rope,
-        rope_theta=float(main.get("rope_theta", get("rope_theta"))), rope_scaling=rope_scaling,
+        rope_scaling=rope_scaling,
         rope_interleave=True, max_position_embeddings=int(get("max_position_embeddings")),
         num_nextn_predict_layers=int(get("num_nextn_predict_layers")),
         rms_norm_eps=float(get("rms_norm_eps")), tie_word_embeddings=bool(get("tie_word_embeddings")),
         initializer_range=float(get("initializer_range")),
-        bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"), pad_token_id=get("pad_token_id"),
-        router_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0) if hf.get("output_router_logits")
-        else 0.0,
-        layer_types=types, **_v4_fields(hf, get, comp, n_hash),
+        bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"),
+        pad_token_id=get("pad_token_id"),
+        **v4,
     )  # fmt: skip
+    with config_source(source):  # ModelConfig's own rules name the file (the reads above name it already)
+        cfg = ModelConfig(**kw)
     return cfg, notices
+
+
+def _checked_theta(theta: Any, source: str) -> float:
+    return check_field_value("compress_rope_theta", theta, key="rope_parameters.rope_theta", source=source)
+
+
+def _main_theta(main: dict[str, Any], get: Any, source: str) -> Any:
+    theta = main.get("rope_theta")
+    if theta is None:
+        return get("rope_theta")
+    return check_field_value("rope_theta", theta, key="rope_parameters.main.rope_theta", source=source)
+
+
+def _aux_coef(hf: dict[str, Any], get: Any, source: str) -> float:
+    """router_aux_loss_coef counts only with ``output_router_logits`` (transformers' V4 loss)."""
+    if not check_raw("output_router_logits", hf.get("output_router_logits"), bool, source):
+        return 0.0
+    return get("router_aux_loss_coef") or 0.0
 
 
 def config_to_hf(cfg: ModelConfig, *, dtype: str | None = None, layout: str | None = None) -> dict[str, Any]:

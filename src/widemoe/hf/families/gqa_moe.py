@@ -35,7 +35,7 @@ class _GqaFamily(FamilyAdapter):
     def config_from_hf(self, hf: dict[str, Any], *, source: str) -> tuple[ModelConfig, list[str]]:
         r = HfFields(hf, self.name, self.defaults, source)
         c = read_core(r)
-        r.refuse(bool(hf.get("mlp_bias")), "mlp_bias=true is not supported")
+        r.refuse(r.raw("mlp_bias", bool, False), "mlp_bias=true is not supported")
         r.seen("mlp_bias")
         E = r.get("num_experts", "num_local_experts", "n_routed_experts", required=True)
         hd = hf.get("head_dim")
@@ -56,7 +56,7 @@ class _GqaFamily(FamilyAdapter):
             n_routed_experts=E,
             rope_interleave=False,
             attention_bias=bool(r.get("attention_bias") or False),
-            router_aux_loss_coef=float(r.get("router_aux_loss_coef")),
+            router_aux_loss_coef=r.get("router_aux_loss_coef"),
         )
         self._own_from_hf(r, c)
         return finish(r, c)
@@ -135,18 +135,18 @@ class Qwen3Moe(_GqaFamily):
 
     def _own_from_hf(self, r: HfFields, c: dict[str, Any]) -> None:
         r.refuse(
-            bool(r.hf.get("use_sliding_window")),
+            r.raw("use_sliding_window", bool, False),
             "use_sliding_window=true is not supported (full attention only)",
         )
         E = c["n_routed_experts"]
-        step = r.get("decoder_sparse_step") or 1
+        step = r.raw("decoder_sparse_step", int) or 1
         only = set(r.get("mlp_only_layers") or [])
         dense = sorted(i for i in range(c["num_hidden_layers"]) if i in only or E == 0 or (i + 1) % step != 0)
         c.update(
             intermediate_size=r.get("intermediate_size"),
             qk_norm="head",
             moe_intermediate_size=r.get("moe_intermediate_size", required=True),
-            norm_topk_prob=bool(r.get("norm_topk_prob")),
+            norm_topk_prob=r.get("norm_topk_prob"),
             mlp_only_layers=tuple(dense),
         )
         if E == 0:
@@ -192,7 +192,7 @@ class Mixtral(_GqaFamily):
     def _own_from_hf(self, r: HfFields, c: dict[str, Any]) -> None:
         sw = r.hf.get("sliding_window")
         r.refuse(sw is not None, f"sliding_window={sw} is not supported (full attention only)")
-        jit = r.get("router_jitter_noise") or 0.0
+        jit = r.raw("router_jitter_noise", float, 0.0)
         r.refuse(jit != 0, f"router_jitter_noise={jit} is not supported")
         I = r.get("intermediate_size", required=True)
         c.update(intermediate_size=I, moe_intermediate_size=I, norm_topk_prob=True, attention_bias=False)
@@ -250,7 +250,7 @@ class Olmoe(_GqaFamily):
             intermediate_size=I,
             moe_intermediate_size=I,
             qk_norm="full",
-            norm_topk_prob=bool(r.get("norm_topk_prob")),
+            norm_topk_prob=r.get("norm_topk_prob"),
         )
 
     def _own_to_hf(self, cfg: ModelConfig, need: Need) -> dict[str, Any]:
