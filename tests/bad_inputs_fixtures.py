@@ -94,6 +94,8 @@ def _checkpoints(root: Path, ck: Path) -> dict[str, Path]:
         "config_topk_gt_experts": {"num_experts_per_tok": 16},
         "config_no_vocab": {"vocab_size": _DELETE},
         "config_widemoe_str": {"widemoe": "x"},
+        "config_hf_flag_str": {"attention_bias": "false"},
+        "config_hf_float_null": {"rms_norm_eps": None},
         "config_widemoe_bad_type": {"widemoe": {"capacity_factor": "large"}},
     }
     for name, changes in variants.items():

@@ -104,6 +104,8 @@ ROWS: list[Row] = [
       both(r"config_is_dir/config\.json", r"is a directory|is not a file")),
     R("inspect-widemoe-block-bad-type", "inspect {config_widemoe_bad_type}", 1,
       both(r"config_widemoe_bad_type/config\.json", r"capacity_factor='large'.*number")),
+    R("inspect-hf-flag-str", "inspect {config_hf_flag_str}", 1,
+      both(r"config_hf_flag_str/config\.json", r"attention_bias='false'.*bool")),
     # --- generate ---------------------------------------------------------------------------------
     R("generate-missing-prompt", "generate micro", 2, r"required.*prompt"),
     R("generate-missing-all", "generate", 2, r"required"),
@@ -160,6 +162,8 @@ ROWS: list[Row] = [
       both(r"config_is_dir/config\.json", r"is a directory|is not a file")),
     R("generate-cfg-topk", "generate {cfg_topk_json} x", 1,
       r"num_experts_per_tok=9 exceeds n_routed_experts=8"),
+    R("generate-hf-flag-str", "generate {config_hf_flag_str} x", 1,
+      both(r"config_hf_flag_str/config\.json", r"attention_bias='false'.*bool")),
     # --- convert ----------------------------------------------------------------------------------
     R("convert-missing-dst", "convert {ck}", 2, r"required.*dst"),
     R("convert-src-nonexistent", "convert {missing} {new_out}", 1,
@@ -263,6 +267,8 @@ ROWS: list[Row] = [
       both(r"does_not_exist", r"no such|not found|does not exist")),
     R("cost-widemoe-block-bad-type", "cost {config_widemoe_bad_type}", 1,
       both(r"config_widemoe_bad_type/config\.json", r"capacity_factor='large'.*number")),
+    R("cost-hf-float-null", "cost {config_hf_float_null}", 1,
+      both(r"config_hf_float_null/config\.json", r"rms_norm_eps=None.*number")),
     # --- train ------------------------------------------------------------------------------------
     R("train-steps-zero", ("train", *TN, "--steps", "0"), 2, r"steps.*0.*>= 1"),
     R("train-batch-zero", ("train", *TN, "--batch-size", "0"), 2, r"batch.size.*0.*>= 1"),
