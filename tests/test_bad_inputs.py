@@ -346,6 +346,15 @@ ROWS: list[Row] = [
     R("report-checkpoint-dir", "report {ck}", 2, r"ck/metrics\.jsonl not found"),
     R("report-out-nested-in-file", "report {run} --out {a_file}/sub", 1,
       both(r"a_file\.txt", r"not a directory")),
+    # --- a widemoe block that is not a mapping, the corpus directory -----------------------------------
+    R("inspect-widemoe-block-str", "inspect {config_widemoe_str}", 1,
+      both(r"config_widemoe_str/config\.json", r"widemoe.*'x'.*(object|mapping|table)")),
+    R("generate-widemoe-block-str", "generate {config_widemoe_str} x", 1,
+      both(r"config_widemoe_str/config\.json", r"widemoe.*'x'.*(object|mapping|table)")),
+    R("cost-widemoe-block-str", "cost {config_widemoe_str}", 1,
+      both(r"config_widemoe_str/config\.json", r"widemoe.*'x'.*(object|mapping|table)")),
+    R("train-data-dir-missing", ("train", *TN, "--steps", "3"), 1, r"does_not_exist.*WIDEMOE_DATA_DIR",
+      WIDEMOE_DATA_DIR="{missing}"),
     # --- top level --------------------------------------------------------------------------------
     R("unknown-command", "serve micro", 2, r"invalid choice.*serve"),
 ]

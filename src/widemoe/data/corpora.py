@@ -91,8 +91,9 @@ CODE_HELDOUT: tuple[str, ...] = (
 )
 
 
-class CorpusError(RuntimeError):
-    """The corpus cannot be built as specified; the message names the file or setting and the rule."""
+class CorpusError(ValueError):
+    """The corpus cannot be built as specified; the message names the file or setting and the rule (a
+    ValueError: the CLI reports it as one line, see widemoe.commands.errors)."""
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,15 @@ class HfFields:
         if cond:
             raise ConfigError(f"{self.source}: {msg}")
 
+    def widemoe_block(self) -> dict[str, Any]:
+        """config.json's ``widemoe`` block (widemoe-only fields), {} when absent; refused unless a mapping."""
+        block = self.hf.get("widemoe")
+        if block is None:
+            return {}
+        self.refuse(not isinstance(block, dict),
+                    f"widemoe={block!r} must be an object (a mapping of widemoe-only fields)")
+        return block
+
 
 def check_raw(key: str, value: Any, base: type, source: str, item: type | None = None) -> Any:
     """`value` of config.json's `key` when it is a `base` (bool, int, float; tuple of `item`: a list) or
@@ -184,7 +193,7 @@ def _rope_from_hf(r: HfFields, max_pos: int) -> tuple[float, dict | None]:
 def finish(r: HfFields, c: dict[str, Any], *, handled: tuple[str, ...] = ()) -> tuple[ModelConfig, list[str]]:
     """The ModelConfig: widemoe-only fields from the ``widemoe`` block (keys in ``handled`` were read
     by the family), then a notice listing the config.json fields nobody used."""
-    for k, v in (r.hf.get("widemoe") or {}).items():
+    for k, v in r.widemoe_block().items():
         if k in WIDEMOE_ONLY:
             c[k] = v
         elif k not in handled:

@@ -212,7 +212,7 @@ class DeepSeekV3(_DeepSeekFamily):
 
     def _own_widemoe_fields(self, r: HfFields, c: dict[str, Any]) -> tuple[str, ...]:
         # a Kimi K2 model written by widemoe says so in its widemoe block (its model_type is deepseek_v3)
-        if (r.hf.get("widemoe") or {}).get("source_model_type") == "kimi_k2":
+        if r.widemoe_block().get("source_model_type") == "kimi_k2":
             c["model_type"] = "kimi_k2"
             return ("source_model_type",)
         return ()
