@@ -192,5 +192,5 @@ def test_a_usage_error_class_exits_2(monkeypatch, capsys):
 
 def test_report_on_a_file_says_it_is_not_a_directory(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("hi")
-    assert main(["report", str(tmp_path / "a.txt")]) == 2  # ReportError's status (tests/test_report.py)
+    assert main(["report", str(tmp_path / "a.txt")]) == 1  # a directory it cannot use: a failure
     assert capsys.readouterr().err == f"error: run directory {tmp_path / 'a.txt'} is not a directory\n"

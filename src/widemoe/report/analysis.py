@@ -34,11 +34,8 @@ TOP_N = 3  # experts per domain counted in the "top-3 share"
 
 
 class ReportError(ValueError):
-    """A run directory the report cannot be built from; the message names the file and what is missing."""
-
-    # `widemoe report` has exited 2 on these since it exists (tests/test_report.py holds it to that);
-    # the issue-11 rule would make a run it cannot use a failure (1) -- left to the lead to change.
-    exit_status = 2
+    """A run directory the report cannot be built from; the message names the file and what is missing.
+    A failure (exit status 1), like every file or directory a command cannot use (issue 11)."""
 
 
 # --------------------------------------------------------------------------------------------------
