@@ -355,6 +355,8 @@ ROWS: list[Row] = [
       both(r"config_widemoe_str/config\.json", r"widemoe.*'x'.*(object|mapping|table)")),
     R("train-data-dir-missing", ("train", *TN, "--steps", "3"), 1, r"does_not_exist.*WIDEMOE_DATA_DIR",
       WIDEMOE_DATA_DIR="{missing}"),
+    R("train-resume-and-fresh", ("train", *TN, "--resume", "--fresh"), 2,
+      r"--resume.*--fresh|--fresh.*--resume"),
     # --- top level --------------------------------------------------------------------------------
     R("unknown-command", "serve micro", 2, r"invalid choice.*serve"),
 ]

@@ -43,6 +43,12 @@ class RunLocked(RunDirError):
     """Another training holds the run directory's lock."""
 
 
+class ExclusiveFlags(RunDirError):
+    """Two flags that cannot be given together: a usage error (exit status 2, as argparse's own)."""
+
+    exit_status = 2
+
+
 def notice(message: str) -> None:
     """A one-line statement of what training decided (stderr, so stdout stays the result)."""
     print(message, file=sys.stderr, flush=True)
@@ -212,7 +218,7 @@ def check_run_dir(run_dir: str | Path, *, resume: bool, fresh: bool) -> None:
     refuse early): a used directory without --resume/--fresh, --resume with nothing to resume."""
     run_dir = Path(run_dir)
     if fresh and resume:
-        raise RunDirError("--fresh (start over) and --resume (continue) exclude each other; give one")
+        raise ExclusiveFlags("--fresh (start over) and --resume (continue) exclude each other; give one")
     held = held_run(run_dir)
     if resume and latest_checkpoint(run_dir) is None:
         what = f"it holds {held}" if held else "it holds no run"
