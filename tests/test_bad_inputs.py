@@ -357,6 +357,8 @@ ROWS: list[Row] = [
       WIDEMOE_DATA_DIR="{missing}"),
     R("train-resume-and-fresh", ("train", *TN, "--resume", "--fresh"), 2,
       r"--resume.*--fresh|--fresh.*--resume"),
+    R("train-threads-zero", ("train", *TN, "--steps", "3"), 1, r"WIDEMOE_THREADS.*0.*>= 1",
+      WIDEMOE_THREADS="0"),
     # --- top level --------------------------------------------------------------------------------
     R("unknown-command", "serve micro", 2, r"invalid choice.*serve"),
 ]

@@ -65,14 +65,16 @@ def configure_cpu_runtime(num_threads: int | None = None) -> dict[str, object]:
     """
     allocator = configure_allocator()
     env = os.environ.get("WIDEMOE_THREADS")
+    source = "num_threads"
     if num_threads is None and env:
+        source = "WIDEMOE_THREADS"  # the environment variable is what the user must fix: name it
         try:
             num_threads = int(env)
         except ValueError:
             raise ValueError(f"WIDEMOE_THREADS={env!r} must be an integer") from None
     if num_threads is not None:
         if num_threads < 1:
-            raise ValueError(f"num_threads={num_threads} must be >= 1")
+            raise ValueError(f"{source}={num_threads} must be >= 1")
         torch.set_num_threads(num_threads)
     return {"glibc_allocator_fix": allocator, "num_threads": torch.get_num_threads()}
 
