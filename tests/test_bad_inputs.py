@@ -359,6 +359,10 @@ ROWS: list[Row] = [
       r"--resume.*--fresh|--fresh.*--resume"),
     R("train-threads-zero", ("train", *TN, "--steps", "3"), 1, r"WIDEMOE_THREADS.*0.*>= 1",
       WIDEMOE_THREADS="0"),
+    R("train-run-dir-a-file", ("train", *T, "--run-dir", "{a_file}"), 1,
+      both(r"a_file\.txt", r"not a directory|is a file")),
+    R("report-out-a-file", "report {run} --out {a_file}", 1,
+      both(r"a_file\.txt", r"not a directory|is a file")),
     # --- top level --------------------------------------------------------------------------------
     R("unknown-command", "serve micro", 2, r"invalid choice.*serve"),
 ]

@@ -17,6 +17,7 @@ catch their own errors use `report_error`, so that both read the same.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from safetensors import SafetensorError
 
@@ -34,7 +35,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, SafetensorE
 
 def one_line(e: BaseException) -> str:
     """The message of `e` on one line; an `OSError` as 'permission denied: PATH'."""
-    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+    if isinstance(e, FileExistsError) and e.filename is not None and Path(e.filename).is_file():
+        # mkdir on a path that is a file (a run or output directory given as a file): say what it is
+        text = f"{e.filename} is a file, not a directory"
+    elif isinstance(e, OSError) and e.strerror and e.filename is not None:
         text = f"{e.strerror[:1].lower()}{e.strerror[1:]}: {e.filename}"
         if e.filename2 is not None:
             text += f" -> {e.filename2}"
