@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_layer import CONFIGS, Shape, model_config  # noqa: E402  (benchmarks/ is not a package)
+from train_step import step_fn  # noqa: E402
 from widemoe.runtime import configure_cpu_runtime  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ab_refactor.json"
@@ -137,18 +138,7 @@ def bench_train(pkgs: dict[str, str], bf16: bool, reps: int, batch: int = 16, se
         model = build(cfg, seed=0)
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-
-        def step(model=model, opt=opt, x=x, y=y) -> float:  # noqa: ANN001
-            t0 = time.perf_counter()
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(x, labels=y).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return time.perf_counter() - t0
-
-        steppers[name] = step
+        steppers[name] = step_fn(model, opt, x, y, bf16, hf=False)  # train_step.py's timed step
     return round_robin(steppers, reps, warmup=1)
 
 

@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from corpus_helpers import subset
-from widemoe import data as wdata
 from widemoe.hf.resolve import MARKER, committed_checkpoints, latest_checkpoint
 from widemoe.train.build import prepare_train_data
 from widemoe.train.config import TrainConfig
@@ -24,16 +22,6 @@ from widemoe.train.metrics import read_metrics
 from widemoe.train.run_dir import LOCK_FILE, RunDirError, RunLock, RunLocked
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return subset(wdata.build_corpus(math_chars=60_000), 12)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 def tc_for(run_dir, **kw):

@@ -13,8 +13,6 @@ import time
 import pytest
 import torch
 
-from corpus_helpers import subset
-from widemoe import data as wdata
 from widemoe.cli import main
 from widemoe.train.build import model_config_for, prepare_train_data
 from widemoe.train.config import TrainConfig, TrainConfigError
@@ -23,16 +21,6 @@ from widemoe.train.loop import Trainer
 from widemoe.train.progress import TrainProgress
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def corpus():
-    return subset(wdata.build_corpus(math_chars=60_000), 12)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 def run_cli(argv, capsys):
