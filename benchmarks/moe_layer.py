@@ -30,6 +30,7 @@ import json
 import math
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -47,6 +48,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from oracles import reference_moe  # noqa: E402  (the test oracle; tests/ is not a package)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "moe_layer.json"
+
+
+def code_version() -> str:
+    """The commit measured, with "+dirt" when the working tree differs from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 @dataclass(frozen=True)
@@ -247,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"--configs: unknown config(s) {bad}; choose from {sorted(CONFIGS)}")
 
+    version = code_version()  # now: src/ may change while the benchmark runs, the imported code does not
     runtime = configure_cpu_runtime(num_threads=2)
     Ts = [2048] if args.quick else [2048, 8192]
     reps = args.reps or (3 if args.quick else 5)
@@ -293,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         hf = f"{r['ratio_vs_fastest_hf']:.2f}" if "ratio_vs_fastest_hf" in r else "-"
         print(f"  {r['config'][:1]} T={r['T']:<5} {r['dtype']:<8} {r['mode']:<6} "
               f"dense {r['ratio_vs_dense']:.2f}  hf {hf}")
-    out = {"torch": torch.__version__, "runtime": runtime, "quick": args.quick, "reps": reps,
+    out = {"commit": version, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "torch": torch.__version__, "runtime": runtime, "quick": args.quick, "reps": reps,
            "warmup": warmup, "python": sys.version.split()[0], "seconds": time.perf_counter() - t_start,
            "results": results, "granularity": granularity}
     args.out.parent.mkdir(parents=True, exist_ok=True)
