@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from widemoe.hf import save_pretrained
+from widemoe.hf.registry import model_config_to_hf
 from widemoe.model.causal_lm import WideMoeForCausalLM
 from widemoe.presets import get_preset
 
@@ -97,6 +98,9 @@ def _checkpoints(root: Path, ck: Path) -> dict[str, Path]:
         "config_hf_flag_str": {"attention_bias": "false"},
         "config_hf_float_null": {"rms_norm_eps": None},
         "config_widemoe_bad_type": {"widemoe": {"capacity_factor": "large"}},
+        "config_rope_scaling_str": {"rope_scaling": "yarn"},
+        "config_rope_params_list": {"rope_parameters": [1, 2]},
+        "config_prf_bool": {"partial_rotary_factor": True},
     }
     for name, changes in variants.items():
         d = out[name] = _copy(ck, bad / name)
@@ -151,6 +155,11 @@ def _runs(root: Path, run: Path) -> dict[str, Path]:
     (d / "metrics.jsonl").unlink()
     d = out["run_garbled_metrics"] = _copy(run, root / "run_garbled_metrics")
     (d / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": \nnot json\n')
+    d = out["run_garbled_eval"] = _copy(run, root / "run_garbled_eval")  # the eval record cut in half
+    lines = (d / "metrics.jsonl").read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if '"kind": "eval"' in line)
+    lines[i] = lines[i][: len(lines[i]) // 2]
+    (d / "metrics.jsonl").write_text("\n".join(lines + ['{"kind": "stopped", "step": 2}']) + "\n")
     d = out["run_empty_metrics"] = _copy(run, root / "run_empty_metrics")
     (d / "metrics.jsonl").write_text("")
     # locked by a live training: pid 1 on this host is always alive
@@ -185,6 +194,10 @@ CONFIG_FILES = {
 }
 
 
+def _v4_hf_config() -> dict:
+    return model_config_to_hf(get_preset("v4-tiny"))
+
+
 def build_fixtures(root: Path, run: Path) -> dict[str, str]:
     """Every input of the bad-input table under `root`; `run` is a trained run directory to copy."""
     torch.manual_seed(0)
@@ -209,6 +222,11 @@ def build_fixtures(root: Path, run: Path) -> dict[str, str]:
     for name, text in CONFIG_FILES.items():
         (cfg_dir / name).write_text(text)
         paths[name.replace(".", "_")] = cfg_dir / name
+    v4 = _v4_hf_config()  # DeepSeek-V4's config.json reader, with a RoPE block of the wrong shape
+    for name, changes in {"v4_rope_params_str": {"rope_parameters": "yarn"},
+                          "v4_rope_scaling_list": {"rope_scaling": [["type", "yarn"]]}}.items():
+        (cfg_dir / f"{name}.json").write_text(json.dumps({**v4, **changes}))
+        paths[name] = cfg_dir / f"{name}.json"
     paths["missing"] = root / "does_not_exist"
     paths["new_out"] = root / "new_out"
     paths["root"] = root

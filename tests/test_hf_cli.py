@@ -164,3 +164,38 @@ def test_inspect_a_run_directory_reads_its_newest_checkpoint(tmp_path, capsys) -
     assert main(["inspect", str(run)]) == 0
     out = capsys.readouterr().out
     assert "newest committed checkpoint, step-00000004" in out and "accounting    OK" in out
+
+
+def test_convert_a_run_directory_converts_its_newest_checkpoint(tmp_path, capsys) -> None:
+    run = tmp_path / "run"
+    for step, seed in ((2, 1), (4, 2)):
+        ck = run / "checkpoints" / f"step-{step:08d}"
+        save_pretrained(build_model(get_preset("micro", vocab_size=64), seed=seed), ck)
+        (ck / "COMMITTED").write_text("")
+    (run / "checkpoints" / "step-00000006").mkdir()  # not committed: ignored
+    assert main(["convert", str(run), str(tmp_path / "out"), "--dtype", "fp32"]) == 0
+    assert "converting its newest committed checkpoint, step-00000004" in capsys.readouterr().out
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    want = load_file(run / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_convert_says_what_ignore_skipped_zero_filled_and_excused_nothing(tmp_path, capsys) -> None:
+    cfg = get_preset("micro", vocab_size=64)
+    src = tmp_path / "src"
+    save_pretrained(build_model(cfg, seed=1), src)
+    sd = load_file(src / "model.safetensors")
+    sd["model.mystery.weight"] = torch.zeros(3)  # a tensor the model has no place for
+    lost = "model.layers.0.self_attn.o_proj.weight"
+    del sd[lost]  # a tensor the model needs
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    argv = ["convert", str(src), str(tmp_path / "out"), "--dtype", "fp32",
+            "--ignore", "mystery", "--ignore", "o_proj", "--ignore", "input_layernorm"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 checkpoint tensor(s), neither loaded nor checked: model.mystery.weight" in out
+    assert "left 1 model tensor(s) ZERO, the checkpoint lacks them: model.layers.0.self_attn.o_proj" in out
+    assert "--ignore 'input_layernorm' excused nothing" in out
+    assert "1 ignored, 1 zero-filled" in out
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert not written[lost].any() and "model.mystery.weight" not in written

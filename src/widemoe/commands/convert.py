@@ -52,7 +52,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("src", type=Path, help="source Hugging Face model directory")
+    p.add_argument(
+        "src", type=Path, help="source Hugging Face model directory, or a training run directory (its newest "
+        "committed checkpoint)"
+    )
     p.add_argument("dst", type=Path, help="destination directory (created; see --overwrite)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of the written weights")
     p.add_argument(
@@ -67,7 +70,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=_regex,
         default=[],
         metavar="REGEX",
-        help="skip source tensors (or leave model tensors zero) matching REGEX; repeatable",
+        help="tolerate what the strict accounting would refuse, for names matching REGEX: a checkpoint "
+        "tensor the model has no place for (or a redundant copy, then not verified) is skipped, a model "
+        "tensor the checkpoint lacks is left zero (both listed); tensors the model loads are always "
+        "loaded; repeatable",
     )
     p.add_argument(
         "--overwrite",
@@ -81,18 +87,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from widemoe.hf import convert_checkpoint
+    from widemoe.hf.resolve import checkpoint_dir_of
 
-    src, dst = Path(args.src), Path(args.dst)
+    dst = Path(args.dst)
+    src = checkpoint_dir_of(args.src)
+    if src != args.src:
+        print(f"note: run directory {args.src}: converting its newest committed checkpoint, {src.name}")
     t0 = time.perf_counter()
     info = convert_checkpoint(
         src, dst, args.dtype, max_shard_size=args.max_shard_size, ignore=args.ignore, overwrite=args.overwrite
     )
     for n in info.notices:
         print(f"note: {n}")
+    for n in _ignore_notes(info):
+        print(f"note: {n}")
     print(
         f"{src} -> {dst}: {info.family}, {info.params / 1e6:.2f}M parameters as {args.dtype} in "
         f"{info.shards} shard(s); {info.tensors} tensors written ({info.dequantized} FP8-dequantised, "
         f"{info.scales} scales consumed), {info.verified_copies} MTP copies verified, "
-        f"{info.ignored} ignored; {time.perf_counter() - t0:.1f}s"
+        f"{len(info.ignored)} ignored, {len(info.zero_filled)} zero-filled; {time.perf_counter() - t0:.1f}s"
     )
     return 0
+
+
+def _ignore_notes(info) -> list[str]:  # noqa: ANN001 - a widemoe.hf.convert.ConvertSummary
+    """What --ignore did, by name: a skipped or zero-filled tensor must never go unsaid."""
+    out = []
+    if info.ignored:
+        out.append(f"--ignore: skipped {len(info.ignored)} checkpoint tensor(s), neither loaded nor checked: "
+                   + ", ".join(info.ignored))
+    if info.zero_filled:
+        out.append(f"--ignore: left {len(info.zero_filled)} model tensor(s) ZERO, the checkpoint lacks them: "
+                   + ", ".join(info.zero_filled))
+    for pat in info.unused_ignores:
+        out.append(f"--ignore {pat!r} excused nothing: every tensor it matches loads normally (it never "
+                   "skips a tensor the model uses)")
+    return out

@@ -86,13 +86,19 @@ def options_from_args(args: argparse.Namespace) -> Options:
     seq = parse_context(args.seq_len, "--seq-len")
     if seq < 1:
         raise CostError(f"--seq-len={args.seq_len} must be >= 1")
+    context = parse_context(args.context, "--context")
+    if context < 1:  # a KV cache and serving table for no positions is nothing to estimate
+        raise CostError(f"--context={args.context} must be >= 1 token")
+    tokens = parse_amount(args.tokens, "--tokens")
+    if tokens <= 0:
+        raise CostError(f"--tokens={args.tokens} must be > 0 (the training tokens D)")
     get_gpu(args.gpu)
     hours = parse_amount(args.gpu_hours, "--gpu-hours") if args.gpu_hours is not None else None
     return Options(
-        context=parse_context(args.context, "--context"),
+        context=context,
         batch=args.batch,
         seq_len=seq,
-        tokens=parse_amount(args.tokens, "--tokens"),
+        tokens=tokens,
         gpu=args.gpu,
         mfu=args.mfu,
         precision=args.precision,
@@ -104,6 +110,13 @@ def options_from_args(args: argparse.Namespace) -> Options:
         weight_dtype=args.weight_dtype,
         kv_dtype=args.kv_dtype,
     )
+
+
+def _dense_params(text: str) -> float:
+    n = parse_amount(text, "--dense")
+    if n < 1:
+        raise CostError(f"--dense={text} must be >= 1 parameter")
+    return n
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,8 +133,7 @@ def run(args: argparse.Namespace) -> int:
                             "directory), --compare A B, --published or --plot PATH")
         configs = [resolve_model(n).config for n in names]
         sums = [summary(c, o) for c in configs]
-        dense = [DenseContrast(f"dense-{d}", parse_amount(d, "--dense"), "dense, all active")
-                 for d in args.dense]
+        dense = [DenseContrast(f"dense-{d}", _dense_params(d), "dense, all active") for d in args.dense]
         if args.compare and not dense:
             dense = [GPT5_CLASS_DENSE]
         dense_sums = [dense_summary(d, o) for d in dense]

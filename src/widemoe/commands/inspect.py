@@ -44,15 +44,12 @@ def _fmt_count(n: float) -> str:
 
 def _checkpoint_dir(path: Path) -> Path:
     """``path``, or a training run directory's newest committed checkpoint (said on stdout)."""
-    from widemoe.hf.resolve import SpecError, latest_checkpoint
+    from widemoe.hf.resolve import checkpoint_dir_of
 
-    if (path / "config.json").exists() or not (path / "checkpoints").is_dir():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise SpecError(f"{path} is a run directory without a committed checkpoint yet")
-    print(f"run directory {path}: its newest committed checkpoint, {latest.name}")
-    return latest
+    found = checkpoint_dir_of(path)
+    if found != path:
+        print(f"run directory {path}: its newest committed checkpoint, {found.name}")
+    return found
 
 
 def run(args: argparse.Namespace) -> int:

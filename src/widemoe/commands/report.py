@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from widemoe.commands.errors import report_error
 
@@ -28,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
         text = None if args.quiet else summary_text(args.run_dir)
     except ReportError as e:
         return report_error(e)
+    for w in paths.warnings:
+        print(f"warning: {w}", file=sys.stderr)
     if text:
         print(text)
         print()

@@ -39,7 +39,9 @@ class ConvertSummary:
     scales: int = 0
     shards: int = 0
     verified_copies: int = 0
-    ignored: int = 0
+    ignored: list[str] = field(default_factory=list)  # source keys skipped because --ignore matched
+    zero_filled: list[str] = field(default_factory=list)  # model tensors left zero because --ignore matched
+    unused_ignores: list[str] = field(default_factory=list)  # patterns that excused nothing
 
 
 class _Producer:
@@ -118,7 +120,9 @@ def convert_checkpoint(
         scales=report.scales,
         shards=shards,
         verified_copies=len(report.verified_copies),
-        ignored=len(report.ignored),
+        ignored=list(report.ignored),
+        zero_filled=list(report.zero_filled),
+        unused_ignores=list(report.unused_ignores),
     )
 
 

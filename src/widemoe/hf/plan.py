@@ -44,6 +44,7 @@ class LoadReport:
     verified_copies: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     zero_filled: list[str] = field(default_factory=list)
+    unused_ignores: list[str] = field(default_factory=list)  # `ignore` patterns that excused nothing
     bytes_read: int = 0
     seconds: float = 0.0
 
@@ -113,6 +114,10 @@ class _Books:
         self.other: list[str] = []
         self.covered: dict[str, dict[Slot, str]] = {}
         self.used_scales: set[str] = set()
+        self.faulted: set[str] = set()  # source keys with a problem booked: not "missing" as well
+
+    def count(self) -> int:
+        return len(self.missing) + len(self.unexpected) + len(self.mismatched) + len(self.other)
 
     def ignored(self, key: str) -> bool:
         return any(p.search(key) for p in self.pats)
@@ -239,7 +244,7 @@ def _account_targets(adapter: FamilyAdapter, cfg: ModelConfig, targets: TargetSh
         if Slot(name) in got:
             continue
         need = adapter.target_keys(name, shape, cfg, adapter.accounting_layout)
-        lacking = [hk for hk, slot in need if slot not in got]
+        lacking = [hk for hk, slot in need if slot not in got and hk not in books.faulted]
         if not lacking and need:
             continue
         if books.ignored(name) or all(books.ignored(hk) for hk in lacking):
@@ -267,7 +272,10 @@ def plan_load(
     reads: list[Read] = []
     verifies: list[Verify] = []
     for key in sorted(set(table) - scale_keys):
+        before = books.count()
         step = _plan_source(key, adapter.source_slot(key, cfg, shapes), table, targets, adapter, fp8, books)
+        if books.count() > before:  # mis-shaped, wrong dtype, scale missing...: said once, under its kind
+            books.faulted.add(key)
         if isinstance(step, Read):
             reads.append(step)
         elif isinstance(step, Verify):
@@ -277,6 +285,8 @@ def plan_load(
     _account_targets(adapter, cfg, targets, books)
     books.raise_if_any()
     books.report.scales = len(books.used_scales)
+    excused = books.report.ignored + books.report.zero_filled
+    books.report.unused_ignores = [p.pattern for p in books.pats if not any(p.search(k) for k in excused)]
     return LoadPlan(reads, verifies, books.report)
 
 

@@ -93,6 +93,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def is_run_directory(path: Path) -> bool:
+    """A training run directory: `checkpoints/` and no config.json of its own."""
+    return not (path / "config.json").exists() and (path / "checkpoints").is_dir()
+
+
+def checkpoint_dir_of(path: str | Path) -> Path:
+    """``path`` itself, or for a training run directory its newest committed checkpoint."""
+    path = Path(path)
+    if not is_run_directory(path):
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise SpecError(f"{path} is a run directory without a committed checkpoint yet")
+    return latest
+
+
 # --- resolving -------------------------------------------------------------------------------------
 
 
@@ -126,12 +142,8 @@ def _missing(spec: str, path: Path) -> SpecError:
 
 
 def _resolve_directory(spec: str, path: Path) -> ResolvedModel:
-    kind: SpecKind = "directory"
-    if not (path / "config.json").exists() and (path / "checkpoints").is_dir():
-        latest = latest_checkpoint(path)  # a training run: its newest committed checkpoint
-        if latest is None:
-            raise SpecError(f"{path} is a run directory without a committed checkpoint yet")
-        path, kind = latest, "run"
+    kind: SpecKind = "run" if is_run_directory(path) else "directory"
+    path = checkpoint_dir_of(path)
     config_file = path / "config.json"
     if config_file.exists() and not config_file.is_file():
         raise SpecError(f"{config_file} is not a file")
@@ -217,6 +229,8 @@ def available_memory_bytes() -> int:
 
 
 __all__ = [
+    "checkpoint_dir_of",
+    "is_run_directory",
     "MARKER",
     "STEP_DIR_RE",
     "ResolvedModel",

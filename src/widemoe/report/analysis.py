@@ -52,13 +52,24 @@ class RunData:
     evals: list[dict[str, Any]]
     summary: dict[str, Any]  # RUN/summary.json, {} when absent
     stopped: list[dict[str, Any]] = field(default_factory=list)
+    bad_lines: list[int] = field(default_factory=list)  # metrics.jsonl lines that are not records
+
+    @property
+    def warnings(self) -> list[str]:
+        if not self.bad_lines:
+            return []
+        lines = ", ".join(map(str, self.bad_lines[:10])) + (" ..." if len(self.bad_lines) > 10 else "")
+        return [f"{self.run_dir / 'metrics.jsonl'}: {len(self.bad_lines)} line(s) are not JSON records and "
+                f"were left out (line {lines}); the report lacks whatever they held"]
 
     @property
     def last_eval(self) -> dict[str, Any]:
         if not self.evals:
             path = self.run_dir / "metrics.jsonl"
-            raise ReportError(f"{path} has no 'eval' record (training writes one every eval_every steps and "
-                              f"at the last step); train longer or lower --eval-every")
+            garbled = (f" that can be read (line {', '.join(map(str, self.bad_lines))} is not a JSON record)"
+                       if self.bad_lines else "")
+            raise ReportError(f"{path} has no 'eval' record{garbled}; training writes one every eval_every "
+                              "steps and at the last step: train longer or lower --eval-every")
         return self.evals[-1]
 
     @property
@@ -87,7 +98,8 @@ def load_run(run_dir: str | Path) -> RunData:
     if not path.is_file():
         raise ReportError(f"{path} not found: a run directory needs the metrics.jsonl that "
                           f"`widemoe train --run-dir {run_dir}` writes")
-    records = read_metrics(path)
+    bad_lines: list[int] = []
+    records = read_metrics(path, bad_lines)
     starts = [r for r in records if r.get("kind") == "start"]
     summary: dict[str, Any] = {}
     spath = run_dir / "summary.json"
@@ -105,6 +117,7 @@ def load_run(run_dir: str | Path) -> RunData:
         evals=_fold_resumed([r for r in records if r.get("kind") == "eval"]),
         summary=summary,
         stopped=[r for r in records if r.get("kind") == "stopped"],
+        bad_lines=bad_lines,
     )
 
 

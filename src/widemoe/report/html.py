@@ -30,6 +30,7 @@ KNOWN_SUMMARY_KEYS = ("unigram_loss", "samples", "comparison")  # other summary.
 class ReportPaths:
     html: Path
     figures: dict[str, Path] = field(default_factory=dict)  # name -> PNG path (absent when nothing to draw)
+    warnings: list[str] = field(default_factory=list)  # what the reader should know about the input
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,4 +266,4 @@ def build_report(run_dir: str | Path, out_dir: str | Path | None = None, embed: 
             (out / f"{name}.png").unlink()
     page = out / "report.html"
     page.write_text(render_html(s, run, figures, embed=embed), encoding="utf-8")
-    return ReportPaths(html=page, figures=figures)
+    return ReportPaths(html=page, figures=figures, warnings=run.warnings)

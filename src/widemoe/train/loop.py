@@ -76,6 +76,9 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(self.config, tc.seq_len)
         self.peak_flops: float | None = None
         self.notify = notify
+        if self.metrics.dropped_torn_tail:
+            notify(f"{self.metrics.path}: dropped a torn last line ({self.metrics.dropped_torn_tail} bytes, "
+                   "a record cut off by a crash)")
         self.resume_notes: dict[str, Any] = {}  # what the resume record says besides the step
 
     # --- state ---------------------------------------------------------------------------------

@@ -22,6 +22,20 @@ class MetricsWriter:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dropped_torn_tail = self._drop_torn_tail()
+
+    def _drop_torn_tail(self) -> int:
+        """Cut a last line without its newline (a crash mid-write), so that the next record does not
+        run into it; the torn record cannot be recovered. Returns the bytes dropped."""
+        if not self.path.is_file():
+            return 0
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return 0
+        keep = data.rfind(b"\n") + 1
+        with open(self.path, "r+b") as f:
+            f.truncate(keep)
+        return len(data) - keep
 
     def write(self, record: dict[str, Any]) -> None:
         record = {"time": time.time(), **record}
@@ -31,18 +45,29 @@ class MetricsWriter:
             os.fsync(f.fileno())
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl; a torn last line (crash mid-write) is skipped."""
+def read_metrics(path: str | Path, bad_lines: list[int] | None = None) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl. A torn last line (a crash mid-write) is skipped; the numbers of
+    other lines that are not JSON objects are appended to `bad_lines` (they are skipped too, but a
+    reader must say so: a lost eval record changes what a report concludes)."""
     out = []
-    with open(path) as f:
-        for line in f:
+    bad: list[int] = []
+    last = 0
+    with open(path, errors="replace") as f:
+        for n, line in enumerate(f, 1):
             line = line.strip()
             if not line:
                 continue
+            last = n
             try:
-                out.append(json.loads(line))
+                rec = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                rec = None
+            if isinstance(rec, dict):
+                out.append(rec)
+            else:
+                bad.append(n)
+    if bad_lines is not None:
+        bad_lines.extend(n for n in bad if n != last)
     return out
 
 

@@ -107,6 +107,15 @@ def check_raw(key: str, value: Any, base: type, source: str, item: type | None =
     return checked
 
 
+def check_mapping(key: str, value: Any, source: str) -> dict[str, Any]:
+    """config.json's `key` when it is an object (null: empty); else ConfigError naming key and value."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key}={value!r} must be an object (a JSON mapping) or null")
+    return value
+
+
 def read_core(r: HfFields) -> dict[str, Any]:
     """The fields every family shares (sizes, norms, token ids, RoPE) as ModelConfig keywords."""
     hf = r.hf
@@ -151,17 +160,16 @@ def _real(v: Any, cast: type) -> Any:
 def _rope_from_hf(r: HfFields, max_pos: int) -> tuple[float, dict | None]:
     """(rope_theta, widemoe rope_scaling) from either the legacy or the v5 form."""
     hf, source = r.hf, r.source
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+    params = check_mapping("rope_parameters", hf.get("rope_parameters"), source)
+    if params and all(isinstance(v, dict) for v in params.values()):
         raise ConfigError(
             f"{source}: rope_parameters is nested per layer type; widemoe uses one RoPE for all layers"
         )
-    rp: dict[str, Any] = dict(hf.get("rope_scaling") or {})
-    if isinstance(params, dict):
-        rp.update(params)
+    rp: dict[str, Any] = {**check_mapping("rope_scaling", hf.get("rope_scaling"), source), **params}
     theta = rp.get("rope_theta", hf.get("rope_theta", r.defaults["rope_theta"]))
     kind = rp.get("rope_type", rp.get("type", "default"))
-    prf = rp.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+    prf = check_raw("partial_rotary_factor", rp.get("partial_rotary_factor", hf.get("partial_rotary_factor")),
+                    float, source)
     r.refuse(
         prf not in (None, 1, 1.0),
         f"partial_rotary_factor={prf} is not supported (widemoe rotates the whole rope dimension)",

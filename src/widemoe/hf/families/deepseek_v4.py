@@ -31,7 +31,7 @@ from typing import Any
 
 from widemoe.config import V4_LAYER_TYPES, ConfigError, ModelConfig, check_field_value, config_source
 from widemoe.hf.families.base import FamilyAdapter, Redundant, Shapes, Slot, expert_slot, stacked_expert_keys
-from widemoe.hf.families.common import check_raw
+from widemoe.hf.families.common import check_mapping, check_raw
 
 SW, CSA, HCA = V4_LAYER_TYPES
 _RATIO_TO_TYPE = {0: SW, 4: CSA, 128: HCA}
@@ -98,10 +98,11 @@ def _layer_schedule(
 def _rope(hf: dict[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """(main rope params, compress rope params, widemoe rope_scaling). "main" is plain rope_theta;
     YaRN (legacy rope_scaling or flat/nested rope_parameters) applies to the "compress" rope only."""
-    rp = hf.get("rope_parameters") or {}
+    rp = check_mapping("rope_parameters", hf.get("rope_parameters"), source)
     comp = rp.get("compress") if isinstance(rp.get("compress"), dict) else rp
     main = rp.get("main") if isinstance(rp.get("main"), dict) else {}
-    rs_src = {**(hf.get("rope_scaling") or {}), **{k: v for k, v in comp.items() if k != "rope_theta"}}
+    legacy = check_mapping("rope_scaling", hf.get("rope_scaling"), source)
+    rs_src = {**legacy, **{k: v for k, v in comp.items() if k != "rope_theta"}}
     kind = rs_src.get("rope_type", rs_src.get("type", "default"))
     if kind == "default":
         return main, comp, None
