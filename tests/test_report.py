@@ -275,3 +275,25 @@ def test_summary_states_the_peak_mfu_is_measured_against(built):
     run, _ = built
     assert summarise(load_run(run)).peak_flops == 1e11
     assert "MFU is against a 100 GFLOP/s matmul peak measured at start-up" in summary_text(run)
+
+
+def test_a_resumed_writer_cuts_the_torn_line_so_records_never_run_together(tmp_path):
+    from widemoe.train.metrics import MetricsWriter, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(_train(1)) + "\n" + '{"kind": "train", "step": 2, "lo')  # crash mid-write
+    w = MetricsWriter(path)
+    assert w.dropped_torn_tail == len('{"kind": "train", "step": 2, "lo')
+    w.write(_train(2))
+    bad: list[int] = []
+    assert [r["step"] for r in read_metrics(path, bad)] == [1, 2] and bad == []
+
+
+def test_a_garbled_line_before_the_end_is_named_not_silently_dropped(tmp_path):
+    run = write_run(tmp_path / "r", steps=8, summary=False)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    i = next(i for i, line in enumerate(lines) if '"kind": "eval"' in line)
+    lines[i] = lines[i][:20]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    data = load_run(run)
+    assert data.bad_lines == [i + 1] and f"line {i + 1}" in data.warnings[0]
