@@ -156,6 +156,9 @@ class TokenDispatcher(ABC):
     """Moves rows between token order and the order of this device's experts (see the module docstring)."""
 
     num_experts: int  # local experts: `dispatch` returns one count per local expert
+    # True when the methods run collectives (expert parallelism): every rank must then make every call,
+    # also with no rows, so the compute never skips one (widemoe.distributed.dispatcher)
+    collective: bool = False
 
     @abstractmethod
     def plan(self, topk_ids_NK: torch.Tensor, capacity: int | None = None, pad_to: int = 1) -> DispatchPlan:
