@@ -98,7 +98,8 @@ class AllToAllDispatcher(TokenDispatcher):
 
     def __post_init__(self) -> None:
         if self.num_global_experts % self.ep_size:
-            raise ValueError(f"n_routed_experts={self.num_global_experts} must be a multiple of EP={self.ep_size}")
+            raise ValueError(
+                f"n_routed_experts={self.num_global_experts} must be a multiple of EP={self.ep_size}")
         self.num_experts = self.num_global_experts // self.ep_size  # local experts
 
     # --- the exchange ------------------------------------------------------------------------------

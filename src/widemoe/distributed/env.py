@@ -66,7 +66,8 @@ def _env_int(name: str) -> int:
 
 def choose_backend(backend: str | None = None) -> str:
     """`backend`, else WIDEMOE_DIST_BACKEND, else nccl with CUDA and gloo without."""
-    chosen = backend or os.environ.get("WIDEMOE_DIST_BACKEND") or ("nccl" if torch.cuda.is_available() else "gloo")
+    default = "nccl" if torch.cuda.is_available() else "gloo"
+    chosen = backend or os.environ.get("WIDEMOE_DIST_BACKEND") or default
     if chosen not in BACKENDS:
         raise DistributedError(f"backend {chosen!r} (WIDEMOE_DIST_BACKEND) must be one of {BACKENDS}")
     if chosen == "nccl" and not torch.cuda.is_available():
