@@ -1,0 +1,194 @@
+"""DCPCheckpointer in one process (no process group): the layout on disk, a bit-exact round trip of model,
+optimizer and host state, retention, a save cut short, damaged files named, a checkpoint of another
+model refused, pickled code refused, and `export_checkpoint`'s destination rules. The multi-process
+resharding matrix, the killed rank and the transformers export are in tests/dist/test_dist_checkpoint.py."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+from pathlib import Path
+
+import pytest
+import tokenizers
+import torch
+
+from widemoe.data.tokenizer import EOS_TOKEN, PAD_TOKEN, Tokenizer
+from widemoe.hf import load_pretrained
+from widemoe.hf.staging import DestinationError
+from widemoe.model.causal_lm import build_model
+from widemoe.presets import get_preset
+from widemoe.train.checkpoint import CheckpointDamaged
+from widemoe.train.dcp import CheckpointMismatch, DCPCheckpointer, export_checkpoint, layout_notices
+
+
+def trained(seed: int = 0, steps: int = 2):  # noqa: ANN201
+    model = build_model(get_preset("micro"), seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 256, (2, 17), generator=g)
+        model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def host_state(step: int) -> dict:
+    torch.manual_seed(1234)
+    return {"step": step, "tokens_seen": 64 * step, "scheduler": {"last_epoch": step}, "data": '{"pos": 7}',
+            "torch_rng": torch.get_rng_state(), "python_rng": json.dumps(random.Random(5).getstate()),
+            "train_config": "{}"}
+
+
+def tiny_tokenizer() -> Tokenizer:
+    vocab = {EOS_TOKEN: 0, PAD_TOKEN: 1, "a": 2, "b": 3}
+    return Tokenizer(tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="a")))
+
+
+def flat(model, opt) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    out = {f"p/{n}": p.detach().clone() for n, p in model.named_parameters()}
+    out.update({f"b/{n}": b.clone() for n, b in model.named_buffers() if "correction_bias" in n})
+    for n, p in model.named_parameters():
+        for k, v in opt.state[p].items():
+            out[f"{k}/{n}"] = v.clone()
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):  # noqa: ANN001, ANN201
+    run = tmp_path_factory.mktemp("run")
+    model, opt = trained()
+    for moe in model.moe_blocks():  # a non-zero balancing bias must round-trip too
+        moe.gate.e_score_correction_bias.uniform_(-1, 1)
+    ckpt = DCPCheckpointer().save(run, 2, model, opt, host_state(2), tokenizer=tiny_tokenizer())
+    return run, ckpt, flat(model, opt)
+
+
+def test_layout_on_disk(saved) -> None:  # noqa: ANN001
+    run, ckpt, _ = saved
+    names = {p.name for p in ckpt.iterdir()}
+    assert {"COMMITTED", ".metadata", "__0_0.distcp", "trainer_state.pt", "rng-rank00000.pt", "config.json",
+            "tokenizer.json", "tokenizer_config.json"} <= names, names
+    assert not list(ckpt.glob("*.safetensors"))
+    assert json.loads((ckpt / "config.json").read_text())["model_type"] == "deepseek_v3"
+    assert DCPCheckpointer().latest(run) == ckpt
+    assert not [p for p in (run / "checkpoints").iterdir() if ".tmp" in p.name]
+
+
+def test_round_trip_bit_exact(saved) -> None:  # noqa: ANN001
+    _, ckpt, ref = saved
+    model, opt = trained(seed=3, steps=1)  # other weights, other optimizer state
+    st = DCPCheckpointer().load(ckpt, model, opt)
+    got = flat(model, opt)
+    assert sorted(got) == sorted(ref)
+    bad = [k for k in ref if not torch.equal(got[k], ref[k])]
+    assert bad == []
+    want = host_state(2)
+    assert st["step"] == 2 and st["tokens_seen"] == 128 and st["scheduler"] == {"last_epoch": 2}
+    assert st["data"] == want["data"] and st["python_rng"] == want["python_rng"]
+    assert torch.equal(st["torch_rng"], want["torch_rng"])
+    assert st["saved_layout"] == {"world_size": 1, "ep": 1} and st["load_notices"] == []
+    assert opt.param_groups[0]["lr"] == 1e-3
+
+
+def test_layout_notices_name_the_rng_choice() -> None:
+    notes = layout_notices({"world_size": 2, "ep": 2}, {"world_size": 4, "ep": 4})
+    assert notes[0].startswith("resharded: saved on 2") and "ranks 2-3" in notes[1] and "rank 0's" in notes[1]
+    assert "not used" in layout_notices({"world_size": 2, "ep": 2}, {"world_size": 1, "ep": 1})[1]
+
+
+def test_retention_and_a_save_cut_short(tmp_path: Path) -> None:
+    model, opt = trained(steps=1)
+    ck = DCPCheckpointer()
+    for step in (1, 2, 3):
+        ck.save(tmp_path, step, model, opt, host_state(step), keep_last=2)
+    assert [p.name for p in ck.checkpoints(tmp_path)] == ["step-00000002", "step-00000003"]
+
+    def die(rank: int, tmp: Path) -> None:
+        raise KeyboardInterrupt  # stands for a kill after this rank's files, before the commit
+
+    with pytest.raises(KeyboardInterrupt):
+        DCPCheckpointer(after_write=die).save(tmp_path, 4, model, opt, host_state(4))
+    assert ck.latest(tmp_path).name == "step-00000003"
+    assert (tmp_path / "checkpoints" / "step-00000004.tmp-dcp").is_dir()
+    ck.save(tmp_path, 5, model, opt, host_state(5), keep_last=2)  # a later commit clears the leftover
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000003", "step-00000005"]
+
+
+def _damaged_copy(saved, tmp_path: Path) -> Path:  # noqa: ANN001
+    import shutil
+
+    dst = tmp_path / "step-00000002"
+    shutil.copytree(saved[1], dst)
+    return dst
+
+
+@pytest.mark.parametrize("victim", ["__0_0.distcp", "rng-rank00000.pt", "trainer_state.pt", ".metadata"])
+@pytest.mark.parametrize("how", ["truncated", "missing"])
+def test_damaged_file_is_named(saved, tmp_path: Path, victim: str, how: str) -> None:  # noqa: ANN001
+    ckpt = _damaged_copy(saved, tmp_path)
+    f = ckpt / victim
+    if how == "missing":
+        f.unlink()
+    else:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    model, opt = trained(seed=3, steps=1)
+    with pytest.raises(CheckpointDamaged, match=str(f).replace(".", r"\.")):
+        DCPCheckpointer().load(ckpt, model, opt)
+
+
+def test_corrupt_shard_bytes_are_damage_not_a_crash(saved, tmp_path: Path) -> None:  # noqa: ANN001
+    ckpt = _damaged_copy(saved, tmp_path)
+    f = ckpt / "__0_0.distcp"
+    f.write_bytes(b"\0" * f.stat().st_size)  # right length, garbage inside
+    model, opt = trained(seed=3, steps=1)
+    with pytest.raises(CheckpointDamaged, match="unreadable or corrupt"):
+        DCPCheckpointer().load(ckpt, model, opt)
+
+
+def test_metadata_with_code_is_refused(saved, tmp_path: Path) -> None:  # noqa: ANN001
+    ckpt = _damaged_copy(saved, tmp_path)
+
+    class Evil:
+        def __reduce__(self):  # noqa: ANN204
+            return (print, ("pwned",))
+
+    (ckpt / ".metadata").write_bytes(pickle.dumps(Evil()))
+    model, opt = trained(seed=3, steps=1)
+    with pytest.raises(CheckpointDamaged, match=r"refusing builtins\.print"):
+        DCPCheckpointer().load(ckpt, model, opt)
+
+
+def test_another_model_is_a_mismatch_not_damage(saved) -> None:  # noqa: ANN001
+    other = build_model(get_preset("micro", moe_intermediate_size=16), seed=0)
+    opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    with pytest.raises(CheckpointMismatch, match="shapes differ") as e:
+        DCPCheckpointer().load(saved[1], other, opt)
+    assert not isinstance(e.value, CheckpointDamaged)
+
+
+def test_export_one_process(saved, tmp_path: Path) -> None:  # noqa: ANN001
+    run, ckpt, ref = saved
+    info = export_checkpoint(run, tmp_path / "hf")
+    assert info.checkpoint == ckpt and info.step == 2 and info.family == "deepseek_v3"
+    again = load_pretrained(tmp_path / "hf", dtype=torch.float32)
+    for n, p in again.named_parameters():
+        assert torch.equal(p, ref[f"p/{n}"]), n
+    for n, b in again.named_buffers():
+        if "correction_bias" in n:
+            assert torch.equal(b, ref[f"b/{n}"]), n
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_export_refuses_a_non_empty_destination(saved, tmp_path: Path) -> None:  # noqa: ANN001
+    dst = tmp_path / "hf"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(DestinationError, match="--overwrite"):
+        export_checkpoint(saved[0], dst)
+    assert [p.name for p in dst.iterdir()] == ["notes.txt"]
+    info = export_checkpoint(saved[0], dst, dtype="bf16", overwrite=True)
+    assert info.dtype == "bf16" and (dst / "notes.txt").read_text() == "mine"
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
