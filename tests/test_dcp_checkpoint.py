@@ -192,3 +192,37 @@ def test_export_refuses_a_non_empty_destination(saved, tmp_path: Path) -> None: 
     info = export_checkpoint(saved[0], dst, dtype="bf16", overwrite=True)
     assert info.dtype == "bf16" and (dst / "notes.txt").read_text() == "mine"
     assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_export_command_refuses_with_one_line(saved, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    from widemoe.cli import ErrorExit, main
+
+    dst = tmp_path / "hf"
+    dst.mkdir()
+    (dst / "x").write_text("")
+    with pytest.raises(ErrorExit) as e:
+        main(["export", str(saved[0]), str(dst)])
+    assert e.value.code == 1 and "not empty; pass --overwrite" in capsys.readouterr().err
+    with pytest.raises(ErrorExit, match="no COMMITTED marker|without a committed checkpoint"):
+        main(["export", str(tmp_path / "hf"), str(tmp_path / "out")])  # a directory that is no checkpoint
+
+
+def test_v4_parameters_without_optimizer_state_stay_without(tmp_path: Path) -> None:
+    """A DeepSeek-V4 compressor unused at a short sequence gets no gradient, hence no AdamW state: the
+    checkpoint has none for it, and a load leaves it without (not a missing key, not a fresh state)."""
+    cfg = get_preset("v4-tiny", vocab_size=256)
+    model = build_model(cfg, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    model(ids[:, :-1], labels=ids[:, 1:]).loss.backward()
+    opt.step()
+    stateless = [n for n, p in model.named_parameters() if not opt.state[p]]
+    assert stateless  # the case this test is about
+    ck = DCPCheckpointer()
+    ck.save(tmp_path, 1, model, opt, host_state(1))
+    again = build_model(cfg, seed=1)
+    opt2 = torch.optim.AdamW(again.parameters(), lr=1e-3)
+    ck.load(ck.latest(tmp_path), again, opt2)
+    assert [n for n, p in again.named_parameters() if not opt2.state[p]] == stateless
+    assert flat(again, opt2).keys() == flat(model, opt).keys()
+    assert all(torch.equal(a, b) for a, b in zip(flat(again, opt2).values(), flat(model, opt).values()))

@@ -222,6 +222,18 @@ def check_model_matches(ckpt: Path, metadata: Any, model_sd: dict[str, Any]) -> 
         raise CheckpointMismatch(f"{ckpt}: not a checkpoint of this model: {'; '.join(what)}")
 
 
+def keep_saved_optimizer_state(metadata: Any, optim_sd: dict[str, Any]) -> None:
+    """Ask only for the optimizer state the checkpoint has. `get_state_dict` gives a fresh optimizer state
+    for every parameter, but a parameter that never had a gradient before the save (a DeepSeek-V4
+    compressor unused at short sequences) has none saved: it stays without state, as in the saving run."""
+    saved = metadata.state_dict_metadata
+    optim_sd["state"] = {
+        name: kept
+        for name, st in optim_sd["state"].items()
+        if (kept := {k: v for k, v in st.items() if f"{OPTIM_KEY}.state.{name}.{k}" in saved})
+    }
+
+
 def _dcp_load(ckpt: Path, state_dict: dict[str, Any], *, alone: bool) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
@@ -339,7 +351,12 @@ class DCPCheckpointer:
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Collective under a process group (every rank calls it); see `read_state`."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         path = Path(path)
         state = self.read_state(path)  # first: a damaged state file must not cost a model load
@@ -347,8 +364,11 @@ class DCPCheckpointer:
         _agreed(lambda: check_dcp_files(path, metadata))
         model_sd, optim_sd = get_state_dict(model, optimizer)
         check_model_matches(path, metadata, model_sd)
+        keep_saved_optimizer_state(metadata, optim_sd)
         _dcp_load(path, {MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}, alone=_rank_world()[1] == 1)
-        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+        set_model_state_dict(model, model_sd)  # strict: every tensor of the model
+        # not strict: parameters without saved state stay without (keep_saved_optimizer_state)
+        set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(strict=False))
         state["saved_layout"] = saved = dict(state.pop("layout"))
         state["load_notices"] = layout_notices(saved, model_layout(model))
         return state
