@@ -3,8 +3,10 @@
 Three torchrun launches (each costs 10-40 s here), several checks each (tests/dist/scripts/ckpt_reshard.py):
   A, W=2: save at (2, EP2), then a save of a later step with rank 1 killed before the commit;
   B, W=4: load A at (4, EP2) and (4, EP4), then save at (4, EP2);
-  C, W=2: load A at (2, EP1) and B at (2, EP2) (4 -> 2), and a copy of A whose rank-1 RNG file is cut;
-plus A loaded in a plain process (W=1, no torchrun) and exported in this process. Every load is compared
+  P, W=1: a plain process (no torchrun) loads A, then saves at W=1;
+  C, W=2: load A at (2, EP1), B at (2, EP2) (4 -> 2) and P (1 -> 2), and a copy of A whose rank-1 RNG
+          file is cut;
+and A exported in this process. Every load is compared
 bit for bit with full tensors (`DTensor.full_tensor()`) of what was saved, checks the host state, the
 per-rank RNG rule and the layout notices, and takes 2 more steps that must match the saving run's."""
 
@@ -42,7 +44,9 @@ def runs(tmp_path_factory):  # noqa: ANN001, ANN201
     a, b = root / "A", root / "B"
     saved_a, out_a = torchrun("ckpt_reshard.py", 2, "--save", f"{a}:2", "--crash", expect_rc=1, timeout=150)
     loads_b, out_b = torchrun("ckpt_reshard.py", 4, "--load", f"{a}:2,4", "--save", f"{b}:2", timeout=200)
-    return {"A": a, "B": b, "saved_a": saved_a, "out_a": out_a, "loads_b": loads_b, "out_b": out_b}
+    one = plain("ckpt_reshard.py", "--load", f"{a}:1", "--save", f"{root / 'P'}:1")
+    return {"A": a, "B": b, "P": root / "P", "saved_a": saved_a, "out_a": out_a, "loads_b": loads_b,
+            "out_b": out_b, "one": one}
 
 
 def check_load(res: dict, tag: str, saved: dict, now: dict, out: str) -> None:
@@ -79,19 +83,22 @@ def test_reshard_2_to_4(runs) -> None:  # noqa: ANN001
     assert runs["loads_b"]["save/W4-EP2"] == "step-00000002"
 
 
-def test_reshard_2_to_2_ep1_and_4_to_2(runs) -> None:  # noqa: ANN001
+def test_reshard_2_to_2_ep1_4_to_2_and_1_to_2(runs) -> None:  # noqa: ANN001
     res, out = torchrun("ckpt_reshard.py", 2, "--load", f"{runs['A']}:1", "--load", f"{runs['B']}:2",
-                        "--damaged", str(runs["A"]), timeout=150)
+                        "--load", f"{runs['P']}:2", "--damaged", str(runs["A"]), timeout=150)
     check_load(res, "load/W2-EP1", {"world_size": 2, "ep": 2}, {"world_size": 2, "ep": 1}, out)
     check_load(res, "load/W2-EP2", {"world_size": 4, "ep": 2}, {"world_size": 2, "ep": 2}, out)
+    # and a checkpoint of one plain process resumes on 2 (rank 1 did not exist: rank 0's RNG)
+    check_load(res, "load/W2-EP2#P", {"world_size": 1, "ep": 1}, {"world_size": 2, "ep": 2}, out)
     assert "saved ranks 2-3 are not used" in res["load/W2-EP2/notices"][1]
     # a damaged file that only rank 1 reads: both ranks raise CheckpointDamaged naming it
     assert res["damaged/every_rank_names_the_file"] is True, out[-3000:]
 
 
 def test_reshard_2_to_one_plain_process(runs) -> None:  # noqa: ANN001
-    res = plain("ckpt_reshard.py", "--load", f"{runs['A']}:1")
+    res = runs["one"]
     check_load(res, "load/W1-EP1", {"world_size": 2, "ep": 2}, {"world_size": 1, "ep": 1}, str(res))
+    assert res["save/W1-EP1"] == "step-00000002"  # loaded on 2 ranks by launch C
 
 
 def test_export_of_a_sharded_checkpoint_loads_in_transformers(runs, tmp_path, capsys) -> None:  # noqa: ANN001

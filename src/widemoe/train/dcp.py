@@ -351,24 +351,20 @@ class DCPCheckpointer:
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Collective under a process group (every rank calls it); see `read_state`."""
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_state_dict,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+        import torch.distributed.checkpoint.state_dict as sd_api
 
         path = Path(path)
         state = self.read_state(path)  # first: a damaged state file must not cost a model load
         metadata = _agreed(lambda: read_dcp_metadata(path))
         _agreed(lambda: check_dcp_files(path, metadata))
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = sd_api.get_state_dict(model, optimizer)
         check_model_matches(path, metadata, model_sd)
         keep_saved_optimizer_state(metadata, optim_sd)
         _dcp_load(path, {MODEL_KEY: model_sd, OPTIM_KEY: optim_sd}, alone=_rank_world()[1] == 1)
-        set_model_state_dict(model, model_sd)  # strict: every tensor of the model
+        sd_api.set_model_state_dict(model, model_sd)  # strict: every tensor of the model
         # not strict: parameters without saved state stay without (keep_saved_optimizer_state)
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(strict=False))
+        lenient = sd_api.StateDictOptions(strict=False)
+        sd_api.set_optimizer_state_dict(model, optimizer, optim_sd, options=lenient)
         state["saved_layout"] = saved = dict(state.pop("layout"))
         state["load_notices"] = layout_notices(saved, model_layout(model))
         return state
@@ -486,16 +482,6 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp32", ove
     return ExportSummary(ckpt, dst, step, family, params, dtype, notices)
 
 
-__all__ = [
-    "CheckpointMismatch",
-    "DCPCheckpointer",
-    "ExportSummary",
-    "check_dcp_files",
-    "export_checkpoint",
-    "layout_notices",
-    "load_full_model",
-    "model_layout",
-    "read_dcp_metadata",
-    "rng_file",
-    "write_model_config",
-]
+__all__ = ["CheckpointMismatch", "DCPCheckpointer", "ExportSummary", "check_dcp_files", "export_checkpoint",
+           "keep_saved_optimizer_state", "layout_notices", "load_full_model", "model_layout",
+           "read_dcp_metadata", "rng_file", "write_model_config"]

@@ -126,7 +126,7 @@ def save(run: Path, ep: int, crash: bool) -> None:
 
 def load(run: Path, ep: int) -> None:
     rank, W = world()
-    tag = f"load/W{W}-EP{ep}"
+    tag = f"load/W{W}-EP{ep}" + ("#P" if run.name == "P" else "")
     ck = DCPCheckpointer()
     ref = torch.load(run / "ref.pt", weights_only=True)
     model, opt = build(ep, seed=1)  # other weights; the optimizer has no state yet
