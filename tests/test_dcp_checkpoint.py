@@ -117,6 +117,13 @@ def test_retention_and_a_save_cut_short(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000003", "step-00000005"]
 
 
+@pytest.fixture(scope="module")
+def victim():  # noqa: ANN201
+    """A model and optimizer that loads of damaged copies are tried on (each fails before touching it)."""
+    model = build_model(get_preset("micro"), seed=3)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
 def _damaged_copy(saved, tmp_path: Path) -> Path:  # noqa: ANN001
     import shutil
 
@@ -125,30 +132,28 @@ def _damaged_copy(saved, tmp_path: Path) -> Path:  # noqa: ANN001
     return dst
 
 
-@pytest.mark.parametrize("victim", ["__0_0.distcp", "rng-rank00000.pt", "trainer_state.pt", ".metadata"])
+@pytest.mark.parametrize("name", ["__0_0.distcp", "rng-rank00000.pt", "trainer_state.pt", ".metadata"])
 @pytest.mark.parametrize("how", ["truncated", "missing"])
-def test_damaged_file_is_named(saved, tmp_path: Path, victim: str, how: str) -> None:  # noqa: ANN001
+def test_damaged_file_is_named(saved, victim, tmp_path: Path, name: str, how: str) -> None:  # noqa: ANN001
     ckpt = _damaged_copy(saved, tmp_path)
-    f = ckpt / victim
+    f = ckpt / name
     if how == "missing":
         f.unlink()
     else:
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    model, opt = trained(seed=3, steps=1)
     with pytest.raises(CheckpointDamaged, match=str(f).replace(".", r"\.")):
-        DCPCheckpointer().load(ckpt, model, opt)
+        DCPCheckpointer().load(ckpt, *victim)
 
 
-def test_corrupt_shard_bytes_are_damage_not_a_crash(saved, tmp_path: Path) -> None:  # noqa: ANN001
+def test_corrupt_shard_bytes_are_damage_not_a_crash(saved, victim, tmp_path: Path) -> None:  # noqa: ANN001
     ckpt = _damaged_copy(saved, tmp_path)
     f = ckpt / "__0_0.distcp"
     f.write_bytes(b"\0" * f.stat().st_size)  # right length, garbage inside
-    model, opt = trained(seed=3, steps=1)
     with pytest.raises(CheckpointDamaged, match="unreadable or corrupt"):
-        DCPCheckpointer().load(ckpt, model, opt)
+        DCPCheckpointer().load(ckpt, *victim)
 
 
-def test_metadata_with_code_is_refused(saved, tmp_path: Path) -> None:  # noqa: ANN001
+def test_metadata_with_code_is_refused(saved, victim, tmp_path: Path) -> None:  # noqa: ANN001
     ckpt = _damaged_copy(saved, tmp_path)
 
     class Evil:
@@ -156,9 +161,8 @@ def test_metadata_with_code_is_refused(saved, tmp_path: Path) -> None:  # noqa: 
             return (print, ("pwned",))
 
     (ckpt / ".metadata").write_bytes(pickle.dumps(Evil()))
-    model, opt = trained(seed=3, steps=1)
     with pytest.raises(CheckpointDamaged, match=r"refusing builtins\.print"):
-        DCPCheckpointer().load(ckpt, model, opt)
+        DCPCheckpointer().load(ckpt, *victim)
 
 
 def test_another_model_is_a_mismatch_not_damage(saved) -> None:  # noqa: ANN001
@@ -226,3 +230,19 @@ def test_v4_parameters_without_optimizer_state_stay_without(tmp_path: Path) -> N
     assert [n for n, p in again.named_parameters() if not opt2.state[p]] == stateless
     assert flat(again, opt2).keys() == flat(model, opt).keys()
     assert all(torch.equal(a, b) for a, b in zip(flat(again, opt2).values(), flat(model, opt).values()))
+
+
+def test_other_format_is_not_damage_checkpointer_for_picks(saved, tmp_path) -> None:  # noqa: ANN001
+    from widemoe.train.checkpoint import HFCheckpointer
+    from widemoe.train.dcp import CheckpointFormatError, checkpointer_for
+
+    model, opt = trained(steps=1)
+    hf_run = tmp_path / "hf-run"
+    hf_ckpt = HFCheckpointer().save(hf_run, 1, model, opt, host_state(1))
+    with pytest.raises(CheckpointFormatError, match="Hugging Face checkpoint of a one-process run") as e:
+        DCPCheckpointer().read_state(hf_ckpt)
+    assert not isinstance(e.value, CheckpointDamaged)  # the trainer must not set it aside as damaged
+    assert isinstance(checkpointer_for(hf_run, distributed=False), HFCheckpointer)
+    assert isinstance(checkpointer_for(saved[0], distributed=False), DCPCheckpointer)  # W ranks -> 1
+    assert isinstance(checkpointer_for(tmp_path / "new", distributed=True), DCPCheckpointer)
+    assert isinstance(checkpointer_for(tmp_path / "new", distributed=False), HFCheckpointer)

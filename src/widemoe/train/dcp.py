@@ -3,34 +3,30 @@
 
 Layout of one checkpoint, `RUN/checkpoints/step-00000100/`:
 
-    .metadata, __<rank>_<i>.distcp   DCP: the model under its own parameter names ("model.<name>") and
-                                     the optimizer state by parameter name ("optim.state.<name>.exp_avg",
+    .metadata, __<rank>_<i>.distcp   DCP: the model under its own parameter names ("model.<name>"), the
+                                     optimizer state by parameter name ("optim.state.<name>.exp_avg",
                                      "optim.param_groups.<i>.lr", ...); each rank writes its own shards
     trainer_state.pt                 rank 0: the host state (step, tokens_seen, scheduler, data cursor,
-                                     python RNG, ...) without the per-rank torch RNG, plus the layout it
-                                     was saved at ({"world_size", "ep"}) and "format": "dcp"
+                                     python RNG, ...) but the per-rank torch RNG, plus "format": "dcp" and
+                                     the "layout" it was saved at ({"world_size", "ep"})
     rng-rank00000.pt, ...            each rank's torch RNG state
-    config.json, generation_config.json   the model config exactly as `widemoe.hf.save_pretrained` writes
-                                     it (so the checkpoint says what model it is)
-    tokenizer.json, tokenizer_config.json  when the run has a tokenizer
+    config.json (+ generation_config.json, tokenizer files)   as `widemoe.hf.save_pretrained` writes them
     COMMITTED                        written last by rank 0, after every rank wrote and fsynced its files
 
 The experts are DTensors ``Shard(0)`` on the "ep" mesh and FSDP2 shards every parameter, so DCP's
 metadata records where every slice of every global tensor lives: a checkpoint saved at one layout loads
-at any other (any world size, any EP that divides the expert count), and in a plain process without a
-process group (world of one: DCP then reads and writes alone).
+at any other (any world size, any EP that divides the expert count), also in a plain process without a
+process group (a world of one: DCP then reads and writes alone).
 
 Crash safety (as `widemoe.train.checkpoint`): every rank writes into ``step-XXXXXXXX.tmp-dcp`` (one name,
-created by rank 0 before a barrier), fsyncs its own files, and meets the others at a barrier; only then
-does rank 0 rename the directory to its final name, write `COMMITTED` and apply retention (the marker of
-an old checkpoint is deleted first), and a last barrier releases everyone. A rank killed at any moment
-leaves the previous checkpoint the newest committed one. The directory must be on a file system every
-rank sees (one node, or a shared file system).
+created by rank 0 before a barrier), fsyncs its own files and meets the others at a barrier; only then
+does rank 0 rename the directory, write `COMMITTED` and apply retention (an old checkpoint loses its
+marker first), and a last barrier releases everyone. A rank killed at any moment leaves the previous
+checkpoint the newest committed one. The run directory must be on a file system every rank sees.
 
-Resharding and RNG: the model and optimizer reshard through DCP, bit-exact. The torch RNG is per rank: a
-rank that existed at save time gets its own state back; a rank that did not (more processes than at
-save time) continues from rank 0's state, a deterministic choice that `load` reports in the returned
-state's "load_notices" (a list of lines for the trainer to print) beside "saved_layout".
+RNG: a rank that existed at save time gets its own torch RNG state back; a rank that did not (more
+processes than at save time) continues from rank 0's, a deterministic choice that `load` reports in the
+returned state's "load_notices" (lines for the trainer to print) beside "saved_layout".
 
 Nothing pickled runs on load: `.pt` files are read with ``torch.load(weights_only=True)``, DCP's own
 `.metadata` pickle through an unpickler that admits only DCP's metadata classes, and DCP's non-tensor
@@ -78,6 +74,26 @@ class CheckpointMismatch(ValueError):
     """A sound checkpoint of a different model: tensors missing or of another shape (named)."""
 
 
+class CheckpointFormatError(ValueError):
+    """A sound checkpoint of the other format (Hugging Face directory vs DCP shards): not damage, it must
+    never be set aside as damaged; `checkpointer_for` picks the checkpointer that reads a run."""
+
+
+def is_dcp_checkpoint(ckpt: Path) -> bool:
+    return (Path(ckpt) / METADATA_FILE).is_file()
+
+
+def checkpointer_for(run_dir: Path, distributed: bool) -> Any:
+    """The checkpointer that continues `run_dir`: DCP when its newest checkpoint is one (also in one process:
+    a run saved on W ranks resumes on 1) or when several processes run; else Hugging Face directories."""
+    from widemoe.train.checkpoint import HFCheckpointer
+
+    newest = latest_checkpoint(run_dir)
+    if newest is not None:
+        return DCPCheckpointer() if is_dcp_checkpoint(newest) else HFCheckpointer()
+    return DCPCheckpointer() if distributed else HFCheckpointer()
+
+
 def rng_file(rank: int) -> str:
     return f"rng-rank{rank:05d}.pt"
 
@@ -92,8 +108,7 @@ def _rank_world() -> tuple[int, int]:
 def _alone_quietly(alone: bool) -> Iterator[None]:
     """DCP warns that it "assumes" a single process when there is no process group: here that is meant."""
     with warnings.catch_warnings():
-        if alone:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        warnings.filterwarnings("ignore" if alone else "default", message="torch.distributed is disabled")
         yield
 
 
@@ -174,8 +189,7 @@ def check_dcp_files(ckpt: Path, metadata: Any) -> None:
         p = Path(ckpt) / rel
         if not p.is_file():
             raise CheckpointDamaged(f"{p}: missing (the checkpoint's {METADATA_FILE} refers to it)")
-        if p.stat().st_size < size:
-            have = p.stat().st_size
+        if (have := p.stat().st_size) < size:
             raise CheckpointDamaged(f"{p}: truncated ({have} bytes; {METADATA_FILE} needs {size})")
 
 
@@ -208,17 +222,14 @@ def _planner() -> Any:
 
 def check_model_matches(ckpt: Path, metadata: Any, model_sd: dict[str, Any]) -> None:
     """`CheckpointMismatch` naming the tensors the checkpoint lacks or has in another shape."""
-    saved = metadata.state_dict_metadata
-    missing = [n for n in model_sd if f"{MODEL_KEY}.{n}" not in saved]
-    shapes = [
-        f"{n} {tuple(saved[f'{MODEL_KEY}.{n}'].size)} vs {tuple(t.shape)}"
-        for n, t in model_sd.items()
-        if f"{MODEL_KEY}.{n}" in saved and hasattr(saved[f"{MODEL_KEY}.{n}"], "size")
-        and tuple(saved[f"{MODEL_KEY}.{n}"].size) != tuple(t.shape)
-    ]
-    if missing or shapes:
-        what = ([f"lacks {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")] if missing else [])
-        what += [f"shapes differ (saved vs model): {', '.join(shapes[:5])}"] if shapes else []
+    saved = {k[len(MODEL_KEY) + 1:]: v for k, v in metadata.state_dict_metadata.items()
+             if k.startswith(MODEL_KEY + ".")}
+    missing = [n for n in model_sd if n not in saved]
+    shapes = [f"{n} {tuple(saved[n].size)} vs {tuple(t.shape)}" for n, t in model_sd.items()
+              if n in saved and tuple(getattr(saved[n], "size", t.shape)) != tuple(t.shape)]
+    what = ([f"lacks {', '.join(missing[:5])}"] if missing else []) + (
+        [f"shapes differ (saved vs model): {', '.join(shapes[:5])}"] if shapes else [])
+    if what:
         raise CheckpointMismatch(f"{ckpt}: not a checkpoint of this model: {'; '.join(what)}")
 
 
@@ -226,12 +237,9 @@ def keep_saved_optimizer_state(metadata: Any, optim_sd: dict[str, Any]) -> None:
     """Ask only for the optimizer state the checkpoint has. `get_state_dict` gives a fresh optimizer state
     for every parameter, but a parameter that never had a gradient before the save (a DeepSeek-V4
     compressor unused at short sequences) has none saved: it stays without state, as in the saving run."""
-    saved = metadata.state_dict_metadata
-    optim_sd["state"] = {
-        name: kept
-        for name, st in optim_sd["state"].items()
-        if (kept := {k: v for k, v in st.items() if f"{OPTIM_KEY}.state.{name}.{k}" in saved})
-    }
+    saved, prefix = metadata.state_dict_metadata, f"{OPTIM_KEY}.state"
+    optim_sd["state"] = {name: kept for name, st in optim_sd["state"].items()
+                         if (kept := {k: v for k, v in st.items() if f"{prefix}.{name}.{k}" in saved})}
 
 
 def _dcp_load(ckpt: Path, state_dict: dict[str, Any], *, alone: bool) -> None:
@@ -392,9 +400,11 @@ def _read_host_state(ckpt: Path) -> dict[str, Any]:
     if not (ckpt / MARKER).is_file():
         raise FileNotFoundError(f"{ckpt} is not a committed checkpoint (no {MARKER} marker)")
     state = _load_pt(ckpt / STATE_FILE)
+    if isinstance(state, dict) and "format" not in state and "optimizer" in state:
+        raise CheckpointFormatError(f"{ckpt}: a Hugging Face checkpoint of a one-process run "
+                                    "(HFCheckpointer), not a sharded DCP one; resume it in one process")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointDamaged(f"{ckpt / STATE_FILE}: not a DCP checkpoint's state (written by another "
-                                "checkpointer: load it with HFCheckpointer)")
+        raise CheckpointDamaged(f"{ckpt / STATE_FILE}: not the state of a DCP checkpoint")
     missing = [k for k in (*HOST_KEYS, "layout") if k not in state]
     if missing:
         raise CheckpointDamaged(f"{ckpt / STATE_FILE}: lacks {', '.join(missing)}")
@@ -482,6 +492,6 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp32", ove
     return ExportSummary(ckpt, dst, step, family, params, dtype, notices)
 
 
-__all__ = ["CheckpointMismatch", "DCPCheckpointer", "ExportSummary", "check_dcp_files", "export_checkpoint",
-           "keep_saved_optimizer_state", "layout_notices", "load_full_model", "model_layout",
-           "read_dcp_metadata", "rng_file", "write_model_config"]
+__all__ = ["CheckpointFormatError", "CheckpointMismatch", "DCPCheckpointer", "ExportSummary",
+           "checkpointer_for", "export_checkpoint", "is_dcp_checkpoint", "layout_notices", "load_full_model",
+           "model_layout"]
