@@ -246,3 +246,16 @@ def test_other_format_is_not_damage_checkpointer_for_picks(saved, tmp_path) -> N
     assert isinstance(checkpointer_for(saved[0], distributed=False), DCPCheckpointer)  # W ranks -> 1
     assert isinstance(checkpointer_for(tmp_path / "new", distributed=True), DCPCheckpointer)
     assert isinstance(checkpointer_for(tmp_path / "new", distributed=False), HFCheckpointer)
+
+
+def test_export_of_a_one_process_run(tmp_path: Path) -> None:
+    """A run of HFCheckpointer checkpoints exports too (the same command for every run)."""
+    from widemoe.train.checkpoint import HFCheckpointer
+
+    model, opt = trained(steps=1)
+    HFCheckpointer().save(tmp_path / "run", 1, model, opt, host_state(1))
+    info = export_checkpoint(tmp_path / "run", tmp_path / "hf", dtype="bf16")
+    assert info.step == 1 and info.dtype == "bf16"
+    again = load_pretrained(tmp_path / "hf", dtype=torch.float32)
+    name, p = next(iter(again.named_parameters()))
+    assert torch.equal(p, dict(model.named_parameters())[name].detach().bfloat16().float())

@@ -4,7 +4,8 @@ directory.
 RUN is a training run directory (its newest committed checkpoint is exported) or one checkpoint directory
 (``RUN/checkpoints/step-XXXXXXXX``). The checkpoint is a sharded Distributed Checkpoint (DCP), written by
 `widemoe train` under torchrun at any number of processes and any expert-parallel degree; it is read here
-in ONE process, without torchrun, into a plain model built from the checkpoint's config.json, and written
+in ONE process, without torchrun, into a plain model built from the checkpoint's config.json (the
+checkpoint of a one-process run, already a Hugging Face directory, is read as one), and written
 with the family's on-disk names (what ``widemoe.hf.save_pretrained`` writes: config.json, safetensors,
 tokenizer), loadable by transformers and by `widemoe generate DST`.
 

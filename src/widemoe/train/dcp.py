@@ -24,9 +24,8 @@ does rank 0 rename the directory, write `COMMITTED` and apply retention (an old 
 marker first), and a last barrier releases everyone. A rank killed at any moment leaves the previous
 checkpoint the newest committed one. The run directory must be on a file system every rank sees.
 
-RNG: a rank that existed at save time gets its own torch RNG state back; a rank that did not (more
-processes than at save time) continues from rank 0's, a deterministic choice that `load` reports in the
-returned state's "load_notices" (lines for the trainer to print) beside "saved_layout".
+RNG: a rank that existed at save time gets its own torch RNG state back, a new rank rank 0's (a
+deterministic choice that `load` reports in the state's "load_notices", beside "saved_layout").
 
 Nothing pickled runs on load: `.pt` files are read with ``torch.load(weights_only=True)``, DCP's own
 `.metadata` pickle through an unpickler that admits only DCP's metadata classes, and DCP's non-tensor
@@ -151,16 +150,14 @@ def _load_pt(path: Path) -> Any:
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP's `.metadata` is a pickle: admit only the classes DCP's metadata is made of."""
 
-    ALLOWED = {
-        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-        ("torch", "Size"),
-        ("torch.serialization", "_get_layout"),  # maps a layout name back to torch.strided & co.
-        ("collections", "OrderedDict"),
-        *(("pathlib", n) for n in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")),
-    }
+    ALLOWED = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"),  # a layout name back to torch.strided & co.
+               ("collections", "OrderedDict")}
+    PATHS = ("Path", "PosixPath", "WindowsPath")  # the checkpoint_id DCP records (pathlib._local: 3.13+)
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED:
+        if (module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED
+                or (module in ("pathlib", "pathlib._local") and name in self.PATHS)):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
@@ -472,7 +469,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp32", ove
     """Write the newest committed checkpoint of run `src` (or checkpoint directory `src`) as a full Hugging
     Face directory `dst` (+ tokenizer), staged beside it and swapped in when complete (a non-empty `dst`
     needs `overwrite`, which replaces its model files and keeps the rest)."""
-    from widemoe.hf import adapter_for_config, save_pretrained
+    from widemoe.hf import adapter_for_config, load_pretrained, save_pretrained
     from widemoe.hf.staging import check_destination, staged_directory
 
     if dtype not in _EXPORT_DTYPES:
@@ -481,15 +478,17 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp32", ove
     if not (ckpt / MARKER).is_file():
         raise CheckpointDamaged(f"{ckpt}: not a committed checkpoint (no {MARKER} marker)")
     check_destination(dst, ckpt, overwrite=overwrite)  # before the model is loaded
-    step = int(_read_host_state(ckpt)["step"])
-    model = load_full_model(ckpt).to(_EXPORT_DTYPES[dtype])  # the model's own rules keep the router fp32
+    if is_dcp_checkpoint(ckpt):
+        step, model = int(_read_host_state(ckpt)["step"]), load_full_model(ckpt)
+    else:  # a one-process run's checkpoint (HFCheckpointer) is a Hugging Face directory: rewritten alike
+        step, model = int((ckpt / MARKER).read_text()), load_pretrained(ckpt, dtype=torch.float32)
+    model = model.to(_EXPORT_DTYPES[dtype])  # the model's own rules keep the router fp32
     tokenizer = ckpt if (ckpt / "tokenizer.json").is_file() else None
     with staged_directory(dst, TOKENIZER_FILES) as tmp:
         save_pretrained(model, tmp, tokenizer=tokenizer)
     notices = [] if tokenizer else [f"{ckpt} has no tokenizer.json: {dst} has none either"]
-    params = sum(p.numel() for p in model.parameters())
-    family = adapter_for_config(model.config).name
-    return ExportSummary(ckpt, dst, step, family, params, dtype, notices)
+    return ExportSummary(ckpt, dst, step, adapter_for_config(model.config).name,
+                         sum(p.numel() for p in model.parameters()), dtype, notices)
 
 
 __all__ = ["CheckpointFormatError", "CheckpointMismatch", "DCPCheckpointer", "ExportSummary",
