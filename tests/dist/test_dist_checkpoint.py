@@ -55,6 +55,7 @@ def check_load(res: dict, tag: str, saved: dict, now: dict, out: str) -> None:
     assert r["names_differ"] == [] and r["not_bit_exact"] == [], r
     assert r["host_state_ok"] is True and r["rng_ok"] is True, r
     assert r["saved_layout"] == saved, r
+    assert r["group_lrs"] == [5e-4, 2.5e-4], r  # the optimizer's param groups come back too
     notices = r["notices"]
     assert notices[0] == (f"resharded: saved on {saved['world_size']} process(es) with EP={saved['ep']}, "
                           f"loaded on {now['world_size']} with EP={now['ep']}"), notices

@@ -3,17 +3,18 @@
 Usage (under torchrun, or as a plain process for W=1):
     ckpt_reshard.py [--load RUN:EP1,EP2 ...] [--damaged RUN] [--save RUN:EP [--crash]]
 
---save RUN:EP   build the micro model at (W, EP), take 2 AdamW steps on a global batch (each rank its
-                slice), save step 2 into RUN with `DCPCheckpointer` (per-rank torch RNG seeded 1000+rank)
-                and write the full reference (parameters, balancing bias, optimizer state via
-                `full_tensor()`, host state, the losses of 2 more steps) to RUN/ref.pt (rank 0).
+--save RUN:EP   build the micro model at (W, EP) with the trainer's AdamW (two groups, fused), take 2
+                steps on a global batch (each rank its slice), set each group's learning rate, save
+                step 2 into RUN with `DCPCheckpointer` (per-rank torch RNG seeded 1000+rank) and write
+                the full reference (parameters, balancing bias, optimizer state via `full_tensor()`,
+                host state, the losses of 2 more steps) to RUN/ref.pt (rank 0).
 --crash         then save step 4 with rank 1 calling os._exit(1) after writing its files, before the
                 commit barrier: the launch must end non-zero, RUN's latest must stay step 2.
 --damaged RUN   copy RUN's latest checkpoint with rank 1's RNG file truncated: every rank's load raises
                 CheckpointDamaged naming it (no rank moves on alone to an older checkpoint).
 --load RUN:EPS  for each EP: a model with other weights and a fresh optimizer at (W, EP), load RUN's
                 latest checkpoint, compare with RUN/ref.pt bit for bit, check the host state, the RNG
-                rule and the notices, take 2 steps and compare the losses.
+                rule, the notices and the groups' learning rates, take 2 steps and compare the losses.
 Loads run before the save, so one launch can check one checkpoint and write the next.
 """
 
@@ -37,6 +38,7 @@ from widemoe.presets import get_preset
 from widemoe.train.dcp import DCPCheckpointer
 
 B, T, STEP = 4, 16, 2
+LRS = [5e-4, 2.5e-4]  # per group at the save
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -59,7 +61,11 @@ def build(ep: int, seed: int):  # noqa: ANN201
     W = world()[1]
     model = parallelize(build_model(get_preset("micro"), seed=seed), Layout.build(ParallelDims(W, ep), "cpu"))
     model.train()
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # as the trainer builds it (widemoe.train.build.build_optimizer): two groups, fused
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
+    return model, torch.optim.AdamW(groups, lr=1e-3, fused=True)
 
 
 def step(model, opt, k: int) -> float:  # noqa: ANN001
@@ -109,6 +115,8 @@ def save(run: Path, ep: int, crash: bool) -> None:
     model, opt = build(ep, seed=0)
     for k in range(STEP):
         step(model, opt, k)
+    for g, lr in zip(opt.param_groups, LRS):  # as a schedule would have set them: the load must restore them
+        g["lr"] = lr
     ckpt = DCPCheckpointer().save(run, STEP, model, opt, host_state(), tokenizer=tokenizer(), keep_last=2)
     ref = snapshot(model, opt)
     losses = [step(model, opt, STEP + k) for k in range(2)]
@@ -138,6 +146,7 @@ def load(run: Path, ep: int) -> None:
     want = host_state()
     host_ok = all(st[k] == want[k] for k in ("step", "tokens_seen", "scheduler", "data", "python_rng"))
     report(f"{tag}/host_state_ok", all_true(host_ok))
+    report(f"{tag}/group_lrs", [g["lr"] for g in opt.param_groups])
     # the RNG rule: a rank that existed at save time gets its own state, a new rank rank 0's
     torch.manual_seed(1000 + (rank if rank < ref["world_size"] else 0))
     report(f"{tag}/rng_ok", all_true(torch.equal(st["torch_rng"], torch.get_rng_state())))
