@@ -27,7 +27,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "vocab_size, from --config or the preset); given, it replaces the model's (a note says so)",
     )
     p.add_argument("--seq-len", type=int, default=d.seq_len)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="sequences per optimizer micro-step, the GLOBAL batch: under torchrun each of W processes "
+        "takes batch-size / W of them (default: %(default)s)",
+    )
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument(
@@ -57,6 +63,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--save-every", type=int, default=d.save_every)
     p.add_argument("--keep-last", type=int, default=d.keep_last)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--ep",
+        type=int,
+        default=d.ep,
+        help="expert-parallel degree under torchrun: each expert lives on one of EP ranks, tokens travel "
+        "to it by all-to-all (must divide the number of processes and n_routed_experts; default 1)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest committed checkpoint")
     p.add_argument(
         "--fresh",
@@ -73,6 +86,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _run_context(tc):  # noqa: ANN001, ANN202 - a TrainConfig -> a widemoe.train.parallel.RunContext
+    from widemoe.distributed.dims import ParallelDims
+    from widemoe.distributed.env import init_distributed
+    from widemoe.distributed.parallelize import Layout
+    from widemoe.train.parallel import RunContext
+
+    env = init_distributed()
+    dims = ParallelDims(env.world_size, tc.ep)  # --ep must divide the number of processes
+    return RunContext(env, Layout.build(dims, env.device.type) if env.distributed else None)
+
+
+def _shutdown(ctx) -> None:  # noqa: ANN001 - a RunContext
+    if ctx.distributed:
+        from widemoe.distributed.env import shutdown
+
+        shutdown()
+
+
 def run(args: argparse.Namespace) -> int:
     """Train; a bad option (`TrainConfigError`) or a model that cannot fit propagates to `widemoe.cli`,
     which prints it as one `error:` line."""
@@ -83,12 +114,19 @@ def run(args: argparse.Namespace) -> int:
 
     fields = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     tc = TrainConfig(**fields)  # every option checked before anything runs
+    ctx = _run_context(tc)  # under torchrun: joins the process group (gloo on CPU, nccl on GPUs)
     configure_cpu_runtime()
     try:
-        result = run_training(tc)
-    except TrainingStopped as e:
+        result = run_training(tc, ctx=ctx)
+    except TrainingStopped as e:  # every rank stops at the same step (the loss and norm are global)
         print(f"training stopped: {e}", file=sys.stderr)
+        _shutdown(ctx)
         return EXIT_STOPPED
+    # On any other error no barrier: the peers may be inside a collective; this process exits non-zero
+    # and torchrun ends the others.
+    _shutdown(ctx)
+    if not ctx.is_main:
+        return 0
     ev = result["final_eval"] or {}
     print(
         f"trained {result['steps']} steps into {result['run_dir']}; held-out loss per domain: "

@@ -144,6 +144,9 @@ def _missing(spec: str, path: Path) -> SpecError:
 def _resolve_directory(spec: str, path: Path) -> ResolvedModel:
     kind: SpecKind = "run" if is_run_directory(path) else "directory"
     path = checkpoint_dir_of(path)
+    if (path / ".metadata").is_file() and not any(path.glob("*.safetensors")):
+        raise SpecError(f"{path}: a sharded training checkpoint (DCP, written under torchrun); write a "
+                        f"Hugging Face directory from it first: widemoe export {spec} DIR")
     config_file = path / "config.json"
     if config_file.exists() and not config_file.is_file():
         raise SpecError(f"{config_file} is not a file")

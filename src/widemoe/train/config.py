@@ -58,6 +58,7 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 2
     seed: int = 0
+    ep: int = 1  # expert-parallel degree under torchrun (must divide the number of processes and E)
     resume: bool = False
     fresh: bool = False  # start over in a used run directory: its old run's files are deleted
     progress: bool = True
@@ -86,7 +87,7 @@ class TrainConfig:
 # Integer fields and their smallest value (optional ones may also be None).
 _MIN_INT = {
     "seq_len": 1, "batch_size": 1, "grad_accum": 1, "steps": 1, "eval_every": 1,
-    "eval_batches": 1, "log_every": 1, "save_every": 1, "keep_last": 1, "seed": 0,
+    "eval_batches": 1, "log_every": 1, "save_every": 1, "keep_last": 1, "seed": 0, "ep": 1,
 }
 _MIN_OPTIONAL_INT = {"vocab_size": 1, "stop_at": 1, "warmup_steps": 0}
 # Float fields: (rule, what the rule says); every float must also be finite.

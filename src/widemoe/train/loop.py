@@ -28,14 +28,22 @@ from typing import Any
 import torch
 
 from widemoe.train.build import ParallelizeFn, TrainData, build_parts, parallelize
-from widemoe.train.checkpoint import CheckpointDamaged, Checkpointer, HFCheckpointer
+from widemoe.train.checkpoint import CheckpointDamaged, Checkpointer
 from widemoe.train.config import TrainConfig, TrainingStopped
+from widemoe.train.dcp import checkpointer_for
 from widemoe.train.eval import evaluate_heldout
-from widemoe.train.metrics import MetricsWriter, measure_matmul_peak, train_flops_per_token
+from widemoe.train.metrics import MetricsWriter, NullMetrics, measure_matmul_peak, train_flops_per_token
+from widemoe.train.parallel import RunContext
 from widemoe.train.progress import TrainProgress
 from widemoe.train.resume import apply_changes, check_resume_steps, config_changes, describe_changes
 from widemoe.train.run_dir import Notify, RunDirError, RunLock, notice, prepare_run_dir
 from widemoe.train.step import accumulate_gradients, close_balancing_window, non_finite, routing_fields
+
+
+def default_checkpointer(run_dir: Path, ctx: RunContext) -> Checkpointer:
+    """Hugging Face directories for a one-process run; sharded DCP checkpoints (every rank writes its part,
+    any layout resumes them) on several processes, or when the run's newest checkpoint is one."""
+    return checkpointer_for(run_dir, ctx.distributed)
 
 
 class Trainer:
@@ -53,11 +61,15 @@ class Trainer:
         parallelize_fn: ParallelizeFn = parallelize,
         checkpointer: Checkpointer | None = None,
         notify: Notify = notice,
+        ctx: RunContext | None = None,
     ):
         """`data` has `train` (a resumable PackedBatches), `heldout` ({domain: [batches]}) and `domains`.
         The model and every batch go to `device`; `parallelize_fn(model, mesh)` runs between building the
-        model and the optimizer; `checkpointer` defaults to Hugging Face directories (`HFCheckpointer`);
-        `notify` receives the one-line statements of what training decided (default: stderr)."""
+        model and the optimizer; `checkpointer` defaults to `default_checkpointer`;
+        `notify` receives the one-line statements of what training decided (default: stderr). `ctx`
+        places the run on several ranks (`widemoe.train.parallel`; default: one process): rank 0 writes
+        the metrics, shows progress and holds the lock, every rank saves its part of a checkpoint."""
+        self.ctx = ctx if ctx is not None else RunContext()
         self.tc = tc
         self.data = data
         self.tokenizer = tokenizer
@@ -69,10 +81,10 @@ class Trainer:
         parts = build_parts(tc, self.device, mesh, parallelize_fn)
         self.config, self.model = parts.config, parts.model
         self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
-        self.checkpointer: Checkpointer = checkpointer if checkpointer is not None else HFCheckpointer()
+        self.checkpointer: Checkpointer = checkpointer or default_checkpointer(self.run_dir, self.ctx)
         self.step = 0
         self.tokens_seen = 0
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl") if self.ctx.is_main else NullMetrics()
         self.flops_per_token = train_flops_per_token(self.config, tc.seq_len)
         self.peak_flops: float | None = None
         self.notify = notify
@@ -132,6 +144,8 @@ class Trainer:
         where = f"step {step} of {self.run_dir}"
         changes = config_changes(json.loads(saved.get("train_config", "{}")), self.tc, where)
         st = self.checkpointer.load(ckpt, self.model, self.optimizer)  # a damaged file shows here
+        for line in st.get("load_notices", []):  # a sharded checkpoint resumed at another layout
+            self.notify(line)
         complete = check_resume_steps(step, self.tc)  # about the checkpoint that loads, not a damaged one
         self.scheduler.load_state_dict(st["scheduler"])
         self.data.train.load_state_dict(json.loads(st["data"]))
@@ -145,13 +159,17 @@ class Trainer:
         self.resume_notes["changed"] = {k: [old, new] for k, old, new in changes}
 
     def _set_aside(self, ckpt: Path) -> str:
-        """Rename a damaged checkpoint out of the run's view (kept for inspection, never deleted)."""
+        """Rename a damaged checkpoint out of the run's view (kept for inspection, never deleted); rank 0
+        renames, every rank waits for it."""
         target, n = ckpt.with_name(f"{ckpt.name}.damaged"), 1
         while target.exists():
             n += 1
             target = ckpt.with_name(f"{ckpt.name}.damaged-{n}")
-        ckpt.rename(target)
-        self.notify(f"set the damaged checkpoint aside as {target}")
+        self.ctx.barrier()  # every rank has chosen the same name before rank 0 renames
+        if self.ctx.is_main:
+            ckpt.rename(target)
+            self.notify(f"set the damaged checkpoint aside as {target}")
+        self.ctx.barrier()
         return target.name
 
     # --- steps ---------------------------------------------------------------------------------
@@ -160,9 +178,10 @@ class Trainer:
         tc, model = self.tc, self.model
         model.train()
         t0 = time.perf_counter()
-        acc = accumulate_gradients(model, self.data.train, tc, len(self.data.domains), self.device)
+        self.ctx.comm(model, reset=True)
+        acc = accumulate_gradients(model, self.data.train, tc, len(self.data.domains), self.device, self.ctx)
         self.tokens_seen += acc.tokens
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_norm))
+        grad_norm = self.ctx.clip_grad_norm(model, tc.clip_norm)
         problem = non_finite(acc.logs["loss"], grad_norm, self.step + 1)
         if problem is not None:
             self.optimizer.zero_grad(set_to_none=True)
@@ -170,7 +189,9 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # Counts of every micro-batch of this step drive the bias update (once per optimizer step).
+        # Counts of every micro-batch of this step (of every rank: one all-reduce) drive the bias update,
+        # once per optimizer step.
+        self.ctx.reduce_expert_counts(model)
         counts = close_balancing_window(model, tc)
         dt = time.perf_counter() - t0
         self.step += 1
@@ -186,20 +207,33 @@ class Trainer:
             "tokens_per_s": tokens / dt,
             "loss_by_domain": acc.loss_by_domain(self.data.domains),
             **routing_fields(model, counts),
+            **self.ctx.comm(model),
         }
-        if self.peak_flops:
-            rec["mfu"] = self.flops_per_token * tokens / dt / self.peak_flops
+        if self.peak_flops:  # against the peak of every rank together
+            rec["mfu"] = self.flops_per_token * tokens / dt / (self.peak_flops * self.ctx.world)
         return rec
 
     def evaluate(self) -> dict[str, Any]:
         """Held-out loss per domain, global MaxVio over the held-out set, domain x expert counts."""
-        fields = evaluate_heldout(self.model, self.data.heldout, self.tc.bf16, self.device)
+        fields = evaluate_heldout(self.model, self.data.heldout, self.tc.bf16, self.device, self.ctx)
         return {"kind": "eval", "step": self.step, "tokens": self.tokens_seen, **fields}
 
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Holding the run directory's lock: check the directory (a used one needs `resume` or `fresh`),
         resume if asked, then train until `steps` (or `stop_at`); the last eval record and the step."""
+        if self.ctx.distributed:  # rank 0 holds the lock and prepares the directory; every rank trains
+            lock = RunLock(self.run_dir, self.notify)
+
+            def take() -> None:
+                lock.acquire()
+                prepare_run_dir(self.run_dir, resume=self.tc.resume, fresh=self.tc.fresh, notify=self.notify)
+
+            try:
+                self.ctx.main_first(take)
+                return self._fit()
+            finally:
+                lock.release()  # held on rank 0 only
         with RunLock(self.run_dir, self.notify):
             prepare_run_dir(self.run_dir, resume=self.tc.resume, fresh=self.tc.fresh, notify=self.notify)
             return self._fit()
@@ -213,7 +247,7 @@ class Trainer:
         self._write_opening(resumed)
         last_eval: dict[str, Any] | None = None
         end = tc.steps if tc.stop_at is None else min(tc.steps, tc.stop_at)
-        with TrainProgress(tc.progress, tc.steps, self.step) as bar:
+        with TrainProgress(tc.progress and self.ctx.is_main, tc.steps, self.step) as bar:
             while self.step < end:
                 rec = self._step_or_stop()
                 if self.step % tc.log_every == 0 or self.step == end:

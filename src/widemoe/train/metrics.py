@@ -45,6 +45,15 @@ class MetricsWriter:
             os.fsync(f.fileno())
 
 
+class NullMetrics:
+    """The metrics writer of ranks other than 0: records are written once, by rank 0."""
+
+    dropped_torn_tail = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+
 def read_metrics(path: str | Path, bad_lines: list[int] | None = None) -> list[dict[str, Any]]:
     """All records of a metrics.jsonl. A torn last line (a crash mid-write) is skipped; the numbers of
     other lines that are not JSON objects are appended to `bad_lines` (they are skipped too, but a

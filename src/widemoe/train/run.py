@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from widemoe import data as wdata
+from widemoe.distributed.parallelize import parallelize
 from widemoe.hf.resolve import latest_checkpoint
 from widemoe.train.build import (
     base_model_config,
@@ -28,11 +29,16 @@ from widemoe.train.build import (
 )
 from widemoe.train.config import TrainConfig, TrainConfigError
 from widemoe.train.loop import Trainer
+from widemoe.train.parallel import RunContext
 from widemoe.train.run_dir import preflight
 
 
 def _to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def _silent(message: str) -> None:  # ranks other than 0: rank 0 says it
+    pass
 
 
 def run_vocab_size(run_dir: str | Path) -> int | None:
@@ -51,13 +57,23 @@ def run_training(
     cache_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     notify: Callable[[str], None] = _to_stderr,
+    ctx: RunContext | None = None,
 ) -> dict[str, Any]:
     """Train as `tc` says; the result of `Trainer.fit` plus the `trainer` and the `data`. `notify`
     receives the statements of what was decided for the user (a --vocab-size replacing a config's).
 
     Without `vocab_size`, a resumed run keeps its checkpoint's vocabulary and a new one takes the model
-    spec's; the value is written into the config, so checkpoints and metrics record the number."""
-    preflight(tc.run_dir, resume=tc.resume, fresh=tc.fresh)  # a used or locked run directory
+    spec's; the value is written into the config, so checkpoints and metrics record the number.
+
+    On several ranks (`ctx`, from `widemoe.train.parallel`): the device is the rank's, rank 0 checks the
+    run directory and prepares the tokenizer cache first (the others then read it), and only rank 0
+    speaks."""
+    ctx = ctx if ctx is not None else RunContext()
+    if ctx.distributed:
+        device = ctx.env.device
+        notify = notify if ctx.is_main else _silent
+        ctx.layout.dims.check_batch(tc.batch_size)
+    ctx.main_first(lambda: preflight(tc.run_dir, resume=tc.resume, fresh=tc.fresh))  # a used or locked run
     base = base_model_config(tc)
     check_positions(tc, base)
     note = vocab_note(tc, base)
@@ -66,16 +82,20 @@ def run_training(
     if tc.vocab_size is None and tc.resume:
         tc = dataclasses.replace(tc, vocab_size=run_vocab_size(tc.run_dir))
     config = model_config_for(tc)
+    if ctx.layout is not None:
+        ctx.layout.dims.check_experts(config.n_routed_experts, tc.model_spec)
     check_trainable(tc, config, torch.device(device))
     if tc.vocab_size is None:
         tc = dataclasses.replace(tc, vocab_size=config.vocab_size)
-    td = prepare_train_data(tc, corpus, cache_dir)
+    first = ctx.main_first(lambda: prepare_train_data(tc, corpus, cache_dir))  # fills the cache once
+    td = first if first is not None else prepare_train_data(tc, corpus, cache_dir)
     if config.vocab_size != td.tokenizer.vocab_size:  # a BPE stops when the corpus has no more merges
         raise TrainConfigError(
             f"vocab_size {config.vocab_size}: the tokenizer trained on the corpus reached "
             f"{td.tokenizer.vocab_size} tokens; pass --vocab-size {td.tokenizer.vocab_size} or less"
         )
-    trainer = Trainer(tc, td, tokenizer=td.tokenizer, device=device, notify=notify)
+    trainer = Trainer(tc, td, tokenizer=td.tokenizer, device=device, notify=notify, ctx=ctx,
+                      mesh=ctx.layout, parallelize_fn=parallelize)
     result = trainer.fit()
     result["trainer"] = trainer
     result["data"] = td

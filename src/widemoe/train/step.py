@@ -21,6 +21,7 @@ from widemoe.model.balance import dead_experts, max_vio
 from widemoe.model.causal_lm import IGNORE_INDEX, WideMoeForCausalLM
 from widemoe.train.bias_update import update_expert_bias
 from widemoe.train.config import TrainConfig
+from widemoe.train.parallel import RunContext
 
 
 def autocast_for(device: torch.device, bf16: bool) -> AbstractContextManager:
@@ -62,18 +63,25 @@ def accumulate_gradients(
     tc: TrainConfig,
     n_domains: int,
     device: torch.device,
+    ctx: RunContext | None = None,
 ) -> Accumulated:
     """Forward and backward `tc.grad_accum` micro-batches from `batches` (moved to `device`), the loss of
-    each scaled by 1/grad_accum so the gradients are the mean over the step."""
+    each scaled by 1/grad_accum so the gradients are the mean over the step. On several ranks (`ctx`)
+    each takes its rows of every global batch and scales its loss by n_local / n_global
+    (`widemoe.train.parallel`); the logged terms and per-domain sums are then summed over ranks."""
+    ctx = ctx if ctx is not None else RunContext()
     acc = Accumulated(
         domain_loss_sums=torch.zeros(n_domains, device=device),
         domain_token_counts=torch.zeros(n_domains, device=device),
     )
     for _ in range(tc.grad_accum):
-        x, y, d = (t.to(device) for t in next(batches))
+        global_batch = next(batches)
+        x, y, d = (ctx.local_rows(t).to(device) for t in global_batch)
         with autocast_for(device, tc.bf16):
             out = model(x, labels=y)
-        (out.loss / tc.grad_accum).backward()
+        scale, _ = ctx.loss_scale(int((y != IGNORE_INDEX).sum()))
+        loss = out.loss * scale if ctx.distributed else out.loss  # alone: the very same graph as before
+        (loss / tc.grad_accum).backward()
         s, c = per_domain_loss(out.token_losses, y, d, n_domains)
         acc.domain_loss_sums += s
         acc.domain_token_counts += c
@@ -81,9 +89,23 @@ def accumulate_gradients(
         terms.update({f"aux/{name}": val for name, val in out.aux_losses.items()})
         for key, val in terms.items():
             if val is not None:
-                acc.logs[key] = acc.logs.get(key, 0.0) + float(val.detach()) / tc.grad_accum
-        acc.tokens += x.numel()
+                acc.logs[key] = acc.logs.get(key, 0.0) + float(val.detach()) * scale / tc.grad_accum
+        acc.tokens += global_batch[0].numel()
+    if ctx.distributed:
+        _sum_over_ranks(acc, ctx)
     return acc
+
+
+def _sum_over_ranks(acc: Accumulated, ctx: RunContext) -> None:
+    """One all-reduce for the logged terms and the per-domain sums of every rank."""
+    keys = sorted(acc.logs)
+    n = len(acc.domain_loss_sums)
+    flat = torch.cat([torch.tensor([acc.logs[k] for k in keys], dtype=torch.float64),
+                      acc.domain_loss_sums.double().cpu(), acc.domain_token_counts.double().cpu()])
+    total = ctx.sum(flat)
+    acc.logs = {k: float(v) for k, v in zip(keys, total[:len(keys)], strict=True)}
+    acc.domain_loss_sums = total[len(keys):len(keys) + n].float()
+    acc.domain_token_counts = total[len(keys) + n:].float()
 
 
 def non_finite(loss: float, grad_norm: float, step: int) -> str | None:
