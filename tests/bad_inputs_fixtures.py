@@ -160,6 +160,10 @@ def _runs(root: Path, run: Path) -> dict[str, Path]:
     i = next(i for i, line in enumerate(lines) if '"kind": "eval"' in line)
     lines[i] = lines[i][: len(lines[i]) // 2]
     (d / "metrics.jsonl").write_text("\n".join(lines + ['{"kind": "stopped", "step": 2}']) + "\n")
+    d = out["run_dcp"] = _copy(run, root / "run_dcp")  # a checkpoint as torchrun writes it (DCP shards)
+    for f in (d / "checkpoints" / ckpt.name).glob("*.safetensors"):
+        f.unlink()
+    (d / "checkpoints" / ckpt.name / ".metadata").write_bytes(b"not read")
     d = out["run_empty_metrics"] = _copy(run, root / "run_empty_metrics")
     (d / "metrics.jsonl").write_text("")
     # locked by a live training: pid 1 on this host is always alive

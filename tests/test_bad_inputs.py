@@ -393,6 +393,18 @@ ROWS: list[Row] = [
       both(r"run_garbled_eval/metrics\.jsonl", r"no 'eval' record that can be read", r"line \d+")),
     R("report-garbled-metrics", "report {run_garbled_metrics} --out {new_out}", 1,
       both(r"run_garbled_metrics/metrics\.jsonl", r"no 'eval' record that can be read \(line 1\b")),
+    # --- several processes, export ------------------------------------------------------------------
+    R("train-ep-without-torchrun", ("train", *TN, "--ep", "2"), 2,
+      r"--ep 2 needs several processes.*torchrun"),
+    R("train-ep-zero", ("train", *TN, "--ep", "0"), 2, r"ep.*0.*>= 1"),
+    R("export-missing-arg", "export {run}", 2, r"required.*DST"),
+    R("export-nonexistent", "export {missing} {new_out}", 1, both(r"does_not_exist", r"no such directory")),
+    R("export-a-file", "export {a_file} {new_out}", 1, both(r"a_file\.txt", r"not a directory")),
+    R("export-run-no-ckpt", "export {run_no_ckpt} {new_out}", 1,
+      r"run_no_ckpt is a run directory without a committed checkpoint"),
+    R("export-dst-user-dir", "export {run} {dst_user}", 1, both(r"dst_user", r"not empty", r"--overwrite")),
+    R("export-dtype-choice", "export {run} {new_out} --dtype fp8", 2, r"--dtype.*invalid choice.*fp8"),
+    R("generate-dcp-run", "generate {run_dcp} x", 1, both(r"run_dcp", r"DCP", r"widemoe export")),
     # --- top level --------------------------------------------------------------------------------
     R("unknown-command", "serve micro", 2, r"invalid choice.*serve"),
 ]

@@ -20,7 +20,10 @@ from typing import Any
 
 
 class LayoutError(ValueError):
-    """A world size / EP degree / expert count that does not divide (the message names the rule)."""
+    """A world size / EP degree / expert count that does not divide (the message names the rule): a usage
+    error (exit status 2), like a bad flag value."""
+
+    exit_status = 2
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class ParallelDims:
             raise LayoutError(f"world size {self.world_size} must be >= 1")
         if self.ep < 1:
             raise LayoutError(f"--ep {self.ep} must be >= 1")
+        if self.world_size == 1 and self.ep > 1:
+            raise LayoutError(f"--ep {self.ep} needs several processes and this is one: launch with "
+                              f"torchrun --nproc-per-node N -m widemoe train ... (N a multiple of {self.ep})")
         if self.world_size % self.ep:
             raise LayoutError(f"--ep {self.ep} must divide the world size {self.world_size} (W % EP == 0)")
 

@@ -474,6 +474,8 @@ def export_checkpoint(src: str | Path, dst: str | Path, dtype: str = "fp32", ove
 
     if dtype not in _EXPORT_DTYPES:
         raise ValueError(f"--dtype {dtype!r} must be one of {', '.join(_EXPORT_DTYPES)}")
+    if not Path(src).is_dir():  # a run or checkpoint directory
+        raise FileNotFoundError(f"{src}: {'not a' if Path(src).exists() else 'no such'} directory")
     ckpt, dst = checkpoint_dir_of(src), Path(dst)
     if not (ckpt / MARKER).is_file():
         raise CheckpointDamaged(f"{ckpt}: not a committed checkpoint (no {MARKER} marker)")
