@@ -1,6 +1,6 @@
 """FSDP2 + EP on W ranks against one process on the same global batch (fp32).
 
-Usage: torchrun ... parity.py --ep K --family v3|v4
+Usage: torchrun ... parity.py --eps 1,2 [--families v3,v4]
 Reports (max over ranks): step-0 gradient error per tensor relative to that tensor's max |g| (worst
 tensor), the ratio of the expert-gradient norms (1 when expert gradients are scaled right; EP when the
 all-to-all's sum is averaged over too few ranks), the total gradient norm's relative error, the worst
@@ -14,7 +14,7 @@ import argparse
 
 import torch
 import torch.distributed as dist
-from dist_checks import max_over_ranks, rel_diff, report
+from dist_checks import report
 
 from widemoe.distributed.dims import ParallelDims
 from widemoe.distributed.env import init_distributed, shutdown
@@ -49,80 +49,94 @@ def expert_norm(named: dict[str, torch.Tensor]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--eps", default="1", help="EP degrees to check, one layout after the other")
     ap.add_argument("--families", default="v3,v4")
     args = ap.parse_args()
     env = init_distributed()
-    layout = Layout.build(ParallelDims(env.world_size, args.ep), "cpu")
-    for family in args.families.split(","):
-        check_family(family, layout, env.world_size, env.rank)
+    for ep in map(int, args.eps.split(",")):
+        layout = Layout.build(ParallelDims(env.world_size, ep), "cpu")
+        for family in args.families.split(","):
+            check_family(f"ep{ep}/{family}", family, layout, env.world_size, env.rank)
     shutdown()
 
 
-def check_family(family: str, layout: Layout, W: int, rank: int) -> None:
+def check_family(prefix: str, family: str, layout: Layout, W: int, rank: int) -> None:
+    """The single-process reference runs on rank 0 only (the comparisons are made there: every rank
+    gathers the full tensors, a collective, but only rank 0 reports)."""
     def report_(name: str, value: object) -> None:
-        report(f"{family}/{name}", value)
+        report(f"{prefix}/{name}", value)
 
     cfg = family_config(family)
-    ref = build_model(cfg, seed=0)
-    model = parallelize(build_model(cfg, seed=0), layout)
-    ref.train()
-    model.train()
+    main = rank == 0
+    ref = build_model(cfg, seed=0).train() if main else None
+    model = parallelize(build_model(cfg, seed=0), layout).train()
     sl = slice(rank * B // W, (rank + 1) * B // W)
-    n_global, n_local = B * T, (B // W) * T
+    scale = ((B // W) * T) / (B * T)  # n_local / n_global
 
     # step 0: gradients per tensor
     x, y = batch(0, cfg.vocab_size)
-    ref(x, labels=y).loss.backward()
-    (model(x[sl], labels=y[sl]).loss * (n_local / n_global)).backward()
-    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    (model(x[sl], labels=y[sl]).loss * scale).backward()
     got = {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
-    missing = sorted(set(ref_grads) ^ set(got))
-    report_("grad_names_differ", missing)
-    worst = max(rel_diff(got[n], ref_grads[n]) for n in ref_grads)
-    report_("grad_rel_err", max_over_ranks(worst))
-    report_("expert_grad_norm_ratio", expert_norm(got) / expert_norm(ref_grads))
-    ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e9))
-    report_("grad_norm_rel_err", abs(clip_grad_norm(model.parameters(), 0.0) - ref_norm) / ref_norm)
+    norm = clip_grad_norm(model.parameters(), 0.0)
+    if main:
+        ref(x, labels=y).loss.backward()
+        ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+        report_("grad_names_differ", sorted(set(ref_grads) ^ set(got)))
+        # per tensor, relative to its max |g|; a tensor whose gradient is a near-cancellation (V4's
+        # hc_scale of the MTP head: max |g| 7e-6 against 1e-1 elsewhere) is measured against 1e-3 of the
+        # model's max |g|
+        floor = 1e-3 * max(float(g.abs().max()) for g in ref_grads.values())
+        errs = {n: float((got[n].double() - ref_grads[n].double()).abs().max())
+                / max(float(ref_grads[n].abs().max()), floor) for n in ref_grads}
+        worst = max(errs, key=errs.get)
+        report_("grad_rel_err", errs[worst])
+        report_("grad_worst_tensor", f"{worst} (max |g| {float(ref_grads[worst].abs().max()):.3g})")
+        report_("expert_grad_norm_ratio", expert_norm(got) / expert_norm(ref_grads))
+        ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e9))
+        report_("grad_norm_rel_err", abs(norm - ref_norm) / ref_norm)
+    sgd_steps(prefix, cfg, ref, model, sl, scale, W)
 
-    # 10 SGD steps with the bias update; losses and parameters
-    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    opt_ref.zero_grad()
-    opt.zero_grad()
-    for m in list(ref.moe_blocks()) + list(model.moe_blocks()):
+
+def sgd_steps(prefix: str, cfg, ref, model, sl: slice, scale: float, W: int) -> None:  # noqa: ANN001
+    """10 SGD steps with clipping and the bias update; losses, parameters and biases against `ref`."""
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (ref, model) if m is not None]
+    for o in opts:
+        o.zero_grad()
+    for m in (list(ref.moe_blocks()) if ref is not None else []) + list(model.moe_blocks()):
         m.tokens_per_expert.zero_()
     loss_err = 0.0
     for step in range(1, STEPS + 1):
         x, y = batch(step, cfg.vocab_size)
-        lr_ = ref(x, labels=y).loss
-        lr_.backward()
         out = model(x[sl], labels=y[sl])
-        (out.loss * (n_local / n_global)).backward()
-        loss = float(all_reduce_sum((out.loss.detach() * (n_local / n_global)).reshape(1)))
-        loss_err = max(loss_err, abs(loss - float(lr_)))
+        (out.loss * scale).backward()
+        loss = float(all_reduce_sum((out.loss.detach() * scale).reshape(1)))
         clip_grad_norm(model.parameters(), 1.0)
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        opt_ref.step()
-        opt.step()
-        opt_ref.zero_grad()
-        opt.zero_grad()
-        update_expert_bias(ref)
         all_reduce_expert_counts(model)
         update_expert_bias(model)
-    report_("loss_abs_err", max_over_ranks(loss_err))
-    ref_params = dict(ref.named_parameters())
-    perr = max(float((full(p.detach()) - ref_params[n].detach()).abs().max())
-               for n, p in model.named_parameters())
-    report_("param_abs_err", max_over_ranks(perr))
+        if ref is not None:
+            ref_loss = ref(x, labels=y).loss
+            ref_loss.backward()
+            loss_err = max(loss_err, abs(loss - float(ref_loss)))
+            torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+            update_expert_bias(ref)
+        for o in opts:
+            o.step()
+            o.zero_grad()
+    report(f"{prefix}/loss_abs_err", loss_err)
+    params = {n: full(p.detach()) for n, p in model.named_parameters()}
     biases = [b for b in (m.gate.e_score_correction_bias for m in model.moe_blocks()) if b is not None]
-    ref_b = [b for b in (m.gate.e_score_correction_bias for m in ref.moe_blocks()) if b is not None]
     stacked = torch.stack(biases) if biases else torch.zeros(1)
     gathered = [torch.empty_like(stacked) for _ in range(W)]
     dist.all_gather(gathered, stacked)
-    report_("bias_same_on_all_ranks", all(torch.equal(g, gathered[0]) for g in gathered))
-    report_("bias_abs_err_vs_single", float((stacked - torch.stack(ref_b)).abs().max()) if ref_b else 0.0)
-    report_("bias_moved", float(stacked.abs().max()))
+    if ref is None:
+        return
+    perr = max(float((params[n] - p.detach()).abs().max()) for n, p in ref.named_parameters())
+    report(f"{prefix}/param_abs_err", perr)
+    ref_b = [b for b in (m.gate.e_score_correction_bias for m in ref.moe_blocks()) if b is not None]
+    report(f"{prefix}/bias_same_on_all_ranks", all(torch.equal(g, gathered[0]) for g in gathered))
+    b_err = float((stacked - torch.stack(ref_b)).abs().max()) if ref_b else 0.0
+    report(f"{prefix}/bias_abs_err_vs_single", b_err)
+    report(f"{prefix}/bias_moved", float(stacked.abs().max()))
 
 
 if __name__ == "__main__":
