@@ -123,10 +123,23 @@ def launch(world: int, worker_args: list[str], timeout: float, threads: int = 1,
     # CPU seconds the rest of the machine used meanwhile (other agents' jobs share these cores)
     others = max(0.0, (machine_busy_s() - busy0) - (children_cpu_s() - ours0))
     info = {"launch_s": wall, "other_jobs_cpu_share": others / (wall * CORES), "waited_for_quiet_s": waited}
+    tail = (res.stdout + res.stderr)[-3000:]
     for line in res.stdout.splitlines():
-        if line.startswith(MARK) and res.returncode == 0:
+        if line.startswith(MARK):
+            if res.returncode != 0:  # measured, then a rank died on the way out: keep both facts
+                print(f"W={world}: exit {res.returncode} after the results: {first_error(tail)}", flush=True)
+                info.update({"exit_code": res.returncode, "exit_tail": tail})
             return {**json.loads(line[len(MARK):]), **info}
-    return {"error": f"exit {res.returncode}: " + (res.stdout + res.stderr)[-3000:], **info}
+    return {"error": f"exit {res.returncode}: " + tail, **info}
+
+
+def first_error(tail: str) -> str:
+    """The line of a failed launch's output that says what went wrong, as far as one does."""
+    for key in ("terminate called", "Error", "Signal"):
+        for line in tail.splitlines():
+            if key in line:
+                return line.strip()[:200]
+    return tail.strip().splitlines()[-1][:200] if tail.strip() else ""
 
 
 def cpu_part(args: argparse.Namespace) -> list[dict]:
