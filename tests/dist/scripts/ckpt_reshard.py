@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from dist_checks import report
+from dist_checks import finish, report
 
 from widemoe.distributed.dims import ParallelDims
-from widemoe.distributed.env import init_distributed, shutdown
+from widemoe.distributed.env import init_distributed
 from widemoe.distributed.parallelize import Layout, parallelize
 from widemoe.model.causal_lm import build_model
 from widemoe.presets import get_preset
@@ -195,7 +195,7 @@ def main() -> None:
     if args.save:
         run, ep = args.save.rsplit(":", 1)
         save(Path(run), int(ep), args.crash)
-    shutdown()
+    finish()
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from dist_checks import max_over_ranks, rel_diff, report
+from dist_checks import finish, max_over_ranks, rel_diff, report
 
 from widemoe.config import ModelConfig
 from widemoe.distributed.dispatcher import AllToAllDispatcher
-from widemoe.distributed.env import init_distributed, shutdown
+from widemoe.distributed.env import init_distributed
 from widemoe.model.dispatch import LocalDispatcher
 from widemoe.model.experts import RoutedExperts
 
@@ -106,7 +106,7 @@ def main() -> None:
         for k, v in errs.items():
             report(f"{scenario}/{k}", max_over_ranks(v))
     report("bytes_sent_positive", d.stats.bytes_sent > 0)
-    shutdown()
+    finish()
 
 
 if __name__ == "__main__":

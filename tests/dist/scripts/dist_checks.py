@@ -28,3 +28,19 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = float(b.abs().max()) if b.numel() else 0.0
     err = float((a - b).abs().max()) if b.numel() else 0.0
     return err / scale if scale > 0 else err
+
+
+def finish() -> None:
+    """Barrier + destroy the process group, then leave without the interpreter's teardown: about one
+    4-rank gloo launch in eight aborted after its last line ("terminate called without an active
+    exception", a C++ thread destroyed at exit; benchmarks/distributed.py saw it), which would fail a
+    test whose checks had all been reported."""
+    import os
+    import sys
+
+    from widemoe.distributed.env import shutdown
+
+    shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

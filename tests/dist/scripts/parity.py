@@ -14,10 +14,10 @@ import argparse
 
 import torch
 import torch.distributed as dist
-from dist_checks import report
+from dist_checks import finish, report
 
 from widemoe.distributed.dims import ParallelDims
-from widemoe.distributed.env import init_distributed, shutdown
+from widemoe.distributed.env import init_distributed
 from widemoe.distributed.grads import all_reduce_expert_counts, all_reduce_sum, clip_grad_norm
 from widemoe.distributed.parallelize import Layout, parallelize
 from widemoe.model.causal_lm import build_model
@@ -57,7 +57,7 @@ def main() -> None:
         layout = Layout.build(ParallelDims(env.world_size, ep), "cpu")
         for family in args.families.split(","):
             check_family(f"ep{ep}/{family}", family, layout, env.world_size, env.rank)
-    shutdown()
+    finish()
 
 
 def check_family(prefix: str, family: str, layout: Layout, W: int, rank: int) -> None:
