@@ -64,19 +64,9 @@ MARK = "WIDEMOE_BENCH "
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 # (W, EP, threads per rank); (4, 2) also exercises FSDP over the expert mesh; (1, 1, 2) is the reference
 # of one process using both cores (timing only)
+from moe_layer import code_version  # noqa: E402 (benchmarks/ is the script's folder)
+
 LAYOUTS = ((1, 1, 1), (2, 2, 1), (4, 4, 1), (4, 2, 1), (1, 1, 2))
-
-
-def code_version() -> str:
-    """The commit measured, with "+dirty" when src/ differs from it (as benchmarks/moe_layer.py)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def machine_busy_s() -> float:
