@@ -57,6 +57,8 @@ from pathlib import Path
 
 import torch
 
+from moe_layer import code_version  # benchmarks/ is the script's folder, hence on sys.path
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
 RESULTS = Path(__file__).resolve().parent / "results" / "distributed.json"
@@ -64,8 +66,6 @@ MARK = "WIDEMOE_BENCH "
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 # (W, EP, threads per rank); (4, 2) also exercises FSDP over the expert mesh; (1, 1, 2) is the reference
 # of one process using both cores (timing only)
-from moe_layer import code_version  # noqa: E402 (benchmarks/ is the script's folder)
-
 LAYOUTS = ((1, 1, 1), (2, 2, 1), (4, 4, 1), (4, 2, 1), (1, 1, 2))
 
 
