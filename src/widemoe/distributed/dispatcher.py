@@ -101,6 +101,7 @@ class AllToAllDispatcher(TokenDispatcher):
             raise ValueError(
                 f"n_routed_experts={self.num_global_experts} must be a multiple of EP={self.ep_size}")
         self.num_experts = self.num_global_experts // self.ep_size  # local experts
+        self._source = LocalDispatcher(self.num_global_experts)  # the source-side combine of returned rows
 
     # --- the exchange ------------------------------------------------------------------------------
     def _exchange(self, rows: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
@@ -164,7 +165,7 @@ class AllToAllDispatcher(TokenDispatcher):
     def combine(self, y_sorted: torch.Tensor, w_NK: torch.Tensor | None, plan: EpPlan,  # type: ignore[override]
                 keep_rows: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         back = self._exchange(self._to_receive_order(y_sorted, plan), plan.recv_splits, plan.send_splits)
-        return LocalDispatcher(self.num_global_experts).combine(back, w_NK, plan.local, keep_rows)
+        return self._source.combine(back, w_NK, plan.local, keep_rows)
 
     @staticmethod
     def _to_receive_order(rows_R: torch.Tensor, plan: EpPlan) -> torch.Tensor:

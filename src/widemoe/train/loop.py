@@ -40,12 +40,6 @@ from widemoe.train.run_dir import Notify, RunDirError, RunLock, notice, prepare_
 from widemoe.train.step import accumulate_gradients, close_balancing_window, non_finite, routing_fields
 
 
-def default_checkpointer(run_dir: Path, ctx: RunContext) -> Checkpointer:
-    """Hugging Face directories for a one-process run; sharded DCP checkpoints (every rank writes its part,
-    any layout resumes them) on several processes, or when the run's newest checkpoint is one."""
-    return checkpointer_for(run_dir, ctx.distributed)
-
-
 class Trainer:
     """One training run: its parts (model, optimizer, schedule), data, step counters, metrics and
     checkpoints. `fit()` runs the loop; `train_step()` and `evaluate()` are one step and one eval."""
@@ -65,7 +59,8 @@ class Trainer:
     ):
         """`data` has `train` (a resumable PackedBatches), `heldout` ({domain: [batches]}) and `domains`.
         The model and every batch go to `device`; `parallelize_fn(model, mesh)` runs between building the
-        model and the optimizer; `checkpointer` defaults to `default_checkpointer`;
+        model and the optimizer; `checkpointer` defaults to `checkpointer_for` the run (Hugging Face
+        directories in one process, sharded DCP checkpoints on several or when the run already has them);
         `notify` receives the one-line statements of what training decided (default: stderr). `ctx`
         places the run on several ranks (`widemoe.train.parallel`; default: one process): rank 0 writes
         the metrics, shows progress and holds the lock, every rank saves its part of a checkpoint."""
@@ -81,7 +76,7 @@ class Trainer:
         parts = build_parts(tc, self.device, mesh, parallelize_fn)
         self.config, self.model = parts.config, parts.model
         self.optimizer, self.scheduler = parts.optimizer, parts.scheduler
-        self.checkpointer: Checkpointer = checkpointer or default_checkpointer(self.run_dir, self.ctx)
+        self.checkpointer: Checkpointer = checkpointer or checkpointer_for(self.run_dir, self.ctx.distributed)
         self.step = 0
         self.tokens_seen = 0
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl") if self.ctx.is_main else NullMetrics()
@@ -178,7 +173,7 @@ class Trainer:
         tc, model = self.tc, self.model
         model.train()
         t0 = time.perf_counter()
-        self.ctx.comm(model, reset=True)
+        self.ctx.reset_comm(model)
         acc = accumulate_gradients(model, self.data.train, tc, len(self.data.domains), self.device, self.ctx)
         self.tokens_seen += acc.tokens
         grad_norm = self.ctx.clip_grad_norm(model, tc.clip_norm)
@@ -222,21 +217,17 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Holding the run directory's lock: check the directory (a used one needs `resume` or `fresh`),
         resume if asked, then train until `steps` (or `stop_at`); the last eval record and the step."""
-        if self.ctx.distributed:  # rank 0 holds the lock and prepares the directory; every rank trains
-            lock = RunLock(self.run_dir, self.notify)
+        lock = RunLock(self.run_dir, self.notify)
 
-            def take() -> None:
-                lock.acquire()
-                prepare_run_dir(self.run_dir, resume=self.tc.resume, fresh=self.tc.fresh, notify=self.notify)
-
-            try:
-                self.ctx.main_first(take)
-                return self._fit()
-            finally:
-                lock.release()  # held on rank 0 only
-        with RunLock(self.run_dir, self.notify):
+        def take() -> None:  # on rank 0 only when there are several ranks; every rank trains
+            lock.acquire()
             prepare_run_dir(self.run_dir, resume=self.tc.resume, fresh=self.tc.fresh, notify=self.notify)
+
+        try:
+            self.ctx.main_first(take)
             return self._fit()
+        finally:
+            lock.release()  # a no-op where the lock was not taken
 
     def _fit(self) -> dict[str, Any]:
         tc = self.tc

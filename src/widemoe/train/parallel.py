@@ -56,12 +56,12 @@ class RunContext:
         n = t.shape[0] // self.world
         return t[self.env.rank * n:(self.env.rank + 1) * n]
 
-    def loss_scale(self, n_local: int) -> tuple[float, int]:
-        """(n_local / n_global, n_global) for this micro-batch's valid tokens."""
+    def loss_scale(self, n_local: int) -> float:
+        """n_local / n_global for this micro-batch's valid tokens (1 alone)."""
         if not self.distributed:
-            return 1.0, n_local
+            return 1.0
         n_global = int(self.sum(torch.tensor([float(n_local)]))[0])
-        return n_local / max(1, n_global), n_global
+        return n_local / max(1, n_global)
 
     # --- reductions -----------------------------------------------------------------------------
     def sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -79,13 +79,15 @@ class RunContext:
         if self.distributed:
             all_reduce_expert_counts(model)
 
-    def comm(self, model: torch.nn.Module, reset: bool = False) -> dict[str, float]:
-        """All-to-all bytes sent off this rank and seconds since the last reset (mean over ranks)."""
+    def reset_comm(self, model: torch.nn.Module) -> None:
+        if self.distributed:
+            reset_comm_stats(model)
+
+    def comm(self, model: torch.nn.Module) -> dict[str, float]:
+        """All-to-all bytes sent off this rank and seconds since `reset_comm` (mean over ranks)."""
         if not self.distributed:
             return {}
         s = comm_stats(model)
-        if reset:
-            reset_comm_stats(model)
         mean = self.sum(torch.tensor([float(s.bytes_sent), s.seconds])) / self.world
         return {"a2a_bytes_per_rank": float(mean[0]), "a2a_seconds": float(mean[1])}
 

@@ -79,7 +79,7 @@ def accumulate_gradients(
         x, y, d = (ctx.local_rows(t).to(device) for t in global_batch)
         with autocast_for(device, tc.bf16):
             out = model(x, labels=y)
-        scale, _ = ctx.loss_scale(int((y != IGNORE_INDEX).sum()))
+        scale = ctx.loss_scale(int((y != IGNORE_INDEX).sum()))
         loss = out.loss * scale if ctx.distributed else out.loss  # alone: the very same graph as before
         (loss / tc.grad_accum).backward()
         s, c = per_domain_loss(out.token_losses, y, d, n_domains)
