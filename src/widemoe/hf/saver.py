@@ -86,17 +86,23 @@ def save_pretrained(
 ) -> Path:
     """Write ``model`` as an HF directory at ``path``; returns the path."""
     cfg = model.config  # type: ignore[attr-defined]
-    adapter = adapter_for_config(cfg)
-    layout = checkpoint_layout(adapter, layout)
+    layout = checkpoint_layout(adapter_for_config(cfg), layout)
     path = Path(path)
-    dtype = dtype_name(model.model.embed_tokens.weight.dtype)  # type: ignore[union-attr]
-    hf = adapter.config_file(cfg, dtype=dtype, layout=layout)  # raises before anything is written
+    hf = model_config_file(model, layout)  # raises before anything is written
     write_sharded(path, [Pending.of(k, t) for k, t in hf_tensors(model, layout)], max_shard_size)
     write_metadata(path, hf, cfg)
     tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tok is not None:
         write_tokenizer(tok, path, cfg)
     return path
+
+
+def model_config_file(model: nn.Module, layout: str | None = None) -> dict[str, Any]:
+    """The config.json dict of ``model`` as `save_pretrained` writes it (the weights' dtype, the layout)."""
+    cfg = model.config  # type: ignore[attr-defined]
+    adapter = adapter_for_config(cfg)
+    dtype = dtype_name(model.model.embed_tokens.weight.dtype)  # type: ignore[union-attr]
+    return adapter.config_file(cfg, dtype=dtype, layout=checkpoint_layout(adapter, layout))
 
 
 def write_metadata(path: Path, hf: dict[str, Any], cfg: ModelConfig) -> None:
@@ -150,6 +156,7 @@ __all__ = [
     "checkpoint_layout",
     "dtype_name",
     "hf_tensors",
+    "model_config_file",
     "save_pretrained",
     "write_metadata",
     "write_tokenizer",

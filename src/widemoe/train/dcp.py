@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from widemoe.hf.resolve import MARKER, checkpoint_dir_of, committed_checkpoints, latest_checkpoint
-from widemoe.hf.saver import TOKENIZER_FILES, checkpoint_layout, dtype_name, write_metadata
+from widemoe.hf.saver import TOKENIZER_FILES, model_config_file, write_metadata
 from widemoe.train.checkpoint import (
     STATE_FILE,
     CheckpointDamaged,
@@ -255,13 +255,7 @@ def _dcp_load(ckpt: Path, state_dict: dict[str, Any], *, alone: bool) -> None:
 
 def write_model_config(model: nn.Module, directory: Path) -> None:
     """config.json + generation_config.json as `widemoe.hf.save_pretrained` writes them."""
-    from widemoe.hf.registry import adapter_for_config
-
-    cfg = model.config  # type: ignore[attr-defined]
-    adapter = adapter_for_config(cfg)
-    dtype = dtype_name(model.model.embed_tokens.weight.dtype)  # type: ignore[union-attr]
-    hf = adapter.config_file(cfg, dtype=dtype, layout=checkpoint_layout(adapter, None))
-    write_metadata(directory, hf, cfg)
+    write_metadata(directory, model_config_file(model), model.config)  # type: ignore[arg-type]
 
 
 def _own_files(directory: Path, rank: int) -> list[Path]:
