@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
+EVAL_STAMP := $(VENV)/.installed-eval
 
-.PHONY: test demo lint bench clean setup
+.PHONY: test demo eval lint bench clean setup
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,9 +18,14 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# lm-evaluation-harness (the `eval` extra): for `make test` and `make eval`, not `make demo`.
+$(EVAL_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[dev,eval]" torch==2.13.0
+	touch $(EVAL_STAMP)
+
 setup: $(STAMP)
 
-test: $(STAMP)
+test: $(EVAL_STAMP)
 	$(BIN)/python -m pytest tests
 
 demo: $(STAMP)
