@@ -12,7 +12,11 @@ the stored entries; a later append never changes the values of a view returned e
 past its end, or into a new buffer).
 
 The cache is an inference structure: use it under ``torch.no_grad()`` / ``torch.inference_mode()``.
-Batch rows can be dropped or reordered with `select` (e.g. finished sequences, beam search).
+Batch rows can be dropped or reordered with `select` (e.g. finished sequences, beam search). For
+continuous batching (`widemoe.serve.engine`) rows at different lengths live in one left-padded cache:
+`pad_left` / `drop_left` add or remove leading (padding) positions of every row, and `concat_rows`
+joins two caches of equal length along the batch (the caller keeps the attention mask that says which
+positions are padding).
 """
 
 from __future__ import annotations
@@ -77,6 +81,35 @@ class LayerCache:
         for k, b in self._buf.items():
             self._buf[k] = b.index_select(0, batch_idx.to(b.device))
 
+    def drop_left(self, n: int) -> None:
+        """Forget the first ``n`` positions of every row (a view: the spare capacity at the end stays)."""
+        for k, b in self._buf.items():
+            self._buf[k] = b[:, n:]
+            self._len[k] -= n
+
+    def pad_left(self, n: int) -> None:
+        """Put ``n`` zero positions before every row's entries (new buffers, with room to grow)."""
+        for k, b in self._buf.items():
+            size = self._len[k]
+            new = b.new_zeros((b.shape[0], max(n + size, _MIN_CAPACITY, 2 * size), *b.shape[2:]))
+            new[:, n : n + size].copy_(b[:, :size])
+            self._buf[k], self._len[k] = new, n + size
+
+    def concat_rows(self, other: LayerCache) -> None:
+        """Append ``other``'s rows after this cache's rows; both must hold the same entries and length."""
+        if set(self._buf) != set(other._buf) or any(self._len[k] != other._len[k] for k in self._buf):
+            raise ValueError(
+                "LayerCache.concat_rows: both caches must hold the same entries at the same length, got "
+                f"{ {k: v for k, v in self._len.items()} } and { {k: v for k, v in other._len.items()} }")
+        for k, b in self._buf.items():
+            size = self._len[k]
+            o = other._buf[k]
+            cap = max(b.shape[1], size + _MIN_CAPACITY)  # room to grow, as the rows had
+            new = b.new_empty((b.shape[0] + o.shape[0], cap, *b.shape[2:]))
+            new[: b.shape[0], :size].copy_(b[:, :size])
+            new[b.shape[0] :, :size].copy_(o[:, :size])
+            self._buf[k] = new
+
 
 class KVCache:
     """One `LayerCache` per decoder layer."""
@@ -120,6 +153,28 @@ class KVCache:
         """Keep (or reorder) batch rows in every layer, e.g. to drop finished sequences."""
         for lc in self.layers:
             lc.select(batch_idx)
+
+    def drop_left(self, n: int) -> None:
+        """Forget the first ``n`` cached positions of every row in every layer (they must be padding)."""
+        if not 0 <= n <= self._committed:
+            raise ValueError(f"KVCache.drop_left({n}): the cache holds {self._committed} positions")
+        for lc in self.layers:
+            lc.drop_left(n)
+        self._committed -= n
+
+    def pad_left(self, n: int) -> None:
+        """Put ``n`` zero (padding) positions before every row in every layer."""
+        for lc in self.layers:
+            lc.pad_left(n)
+        self._committed += n
+
+    def concat_rows(self, other: KVCache) -> None:
+        """Append ``other``'s rows (same layers, same cached length) after this cache's rows."""
+        if len(other.layers) != len(self.layers) or other._committed != self._committed:
+            raise ValueError(f"KVCache.concat_rows: {len(other.layers)} layers x {other._committed} "
+                             f"positions do not match {len(self.layers)} x {self._committed}")
+        for lc, lo in zip(self.layers, other.layers):
+            lc.concat_rows(lo)
 
 
 __all__ = ["KVCache", "LayerCache"]
