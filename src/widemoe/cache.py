@@ -114,6 +114,10 @@ class LayerCache:
 class KVCache:
     """One `LayerCache` per decoder layer."""
 
+    # Rows at different lengths can share this cache, left-padded (`pad_left`, `concat_rows`); a cache
+    # whose layers keep state aligned to absolute positions (DeepSeek-V4's compressed windows) cannot.
+    can_pad_rows = True
+
     def __init__(self, num_layers: int) -> None:
         if num_layers <= 0:
             raise ValueError(f"KVCache: num_layers={num_layers} must be a positive integer")

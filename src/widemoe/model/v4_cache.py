@@ -112,6 +112,10 @@ class V4LayerCache:
 class V4Cache(KVCache):
     """One `V4LayerCache` per decoder layer; `layer`, `advance`, `nbytes` and `select` are KVCache's."""
 
+    # The compressors pool fixed windows of absolute positions (count * rate), so left padding would
+    # shift every window: rows at different positions cannot share one padded cache.
+    can_pad_rows = False
+
     def __init__(self, num_layers: int, sliding_window: int) -> None:
         if num_layers <= 0:
             raise ValueError(f"V4Cache: num_layers={num_layers} must be a positive integer")
