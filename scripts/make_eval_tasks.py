@@ -36,7 +36,7 @@ OUT = Path(__file__).resolve().parents[1] / "src" / "widemoe" / "evals" / "data"
 N_EXAMPLES = 200
 N_CHOICES = 4
 CODE_CONTEXT_LINES = 6
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"']?\s+(?=[\"'A-Z])")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"']))\s+(?=[\"'A-Z])")  # quotes stay with their sentence
 
 
 # --- prose --------------------------------------------------------------------------------------------
