@@ -31,6 +31,15 @@ test: $(EVAL_STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m widemoe.demo
 
+# `make eval`: the demo run's newest checkpoint next to the same model at initialisation on widemoe's
+# held-out lm-eval tasks (`widemoe eval`, results in runs/demo/eval/, shown by `widemoe report`). The demo
+# trains first unless it has finished (summary.json is written last; an interrupted one continues).
+DEMO_RUN := runs/demo
+eval: $(EVAL_STAMP)
+	test -f $(DEMO_RUN)/summary.json || $(BIN)/python -m widemoe.demo --run-dir $(DEMO_RUN)
+	$(BIN)/widemoe eval $(DEMO_RUN) --init
+	$(BIN)/widemoe eval $(DEMO_RUN)
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports

@@ -34,6 +34,7 @@ from widemoe.evals.tasks import write_task_dir
 INIT_LABEL = "init"  # RUN/eval/init/: the run's model at initialisation
 DEFAULT_OUTPUT = Path("eval_results")  # for a MODEL that is not a run directory
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's own default, used only when nothing says the model's context
+NEEDED_MODULES = ("lm_eval", "aiohttp", "tenacity", "requests")  # lm-eval[api]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
@@ -164,8 +165,11 @@ def max_length_of(spec: EvalSpec, url_max: int | None) -> int:
 
 def evaluate(spec: EvalSpec) -> EvalOutcome:
     """Serve (or reach) the model, run lm-eval's local-completions on `spec.tasks`, write its results."""
-    if importlib.util.find_spec("lm_eval") is None:  # before a model is loaded and served
-        raise EvalError("lm-evaluation-harness is not installed: pip install 'widemoe[eval]'")
+    # before a model is loaded and served; lm-eval's API models need its `api` extra (aiohttp, tenacity)
+    missing = [m for m in NEEDED_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EvalError(f"widemoe eval needs lm-evaluation-harness with its API extra ({', '.join(missing)} "
+                        "missing): pip install 'lm-eval[api]>=0.4.5,<0.5'")
     label, out = label_and_output(spec)
     with server_for(spec, label) as url:
         name, url_max = served_model(url)
