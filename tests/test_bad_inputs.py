@@ -405,8 +405,27 @@ ROWS: list[Row] = [
     R("export-dst-user-dir", "export {run} {dst_user}", 1, both(r"dst_user", r"not empty", r"--overwrite")),
     R("export-dtype-choice", "export {run} {new_out} --dtype fp8", 2, r"--dtype.*invalid choice.*fp8"),
     R("generate-dcp-run", "generate {run_dcp} x", 1, both(r"run_dcp", r"DCP", r"widemoe export")),
+    # --- serve: everything checkable without the weights fails before a port is taken -------------
+    R("serve-missing-arg", "serve", 2, r"required.*model"),
+    R("serve-unknown-preset", "serve nosuch", 2, r"unknown preset 'nosuch'"),
+    R("serve-nonexistent", "serve {missing}", 1, both(r"does_not_exist", r"no such file or directory")),
+    R("serve-dcp-run", "serve {run_dcp}", 1, both(r"run_dcp", r"DCP", r"widemoe export")),
+    R("serve-port-range", "serve micro --port 70000", 2, r"--port=70000 must be in \[0, 65535\]"),
+    R("serve-port-text", "serve micro --port http", 2, r"--port.*invalid int value: 'http'"),
+    R("serve-max-num-seqs-zero", "serve micro --max-num-seqs 0", 2, r"--max-num-seqs=0 must be >= 1"),
+    R("serve-max-queue-zero", "serve micro --max-queue 0", 2, r"--max-queue=0 must be >= 1"),
+    R("serve-max-model-len-zero", "serve micro --max-model-len 0", 2, r"--max-model-len=0 must be >= 1"),
+    R("serve-max-model-len-over", "serve micro --max-model-len 4096", 2,
+      r"--max-model-len=4096 must be in \[1, 128\].*max_position_embeddings"),
+    R("serve-template-missing", "serve micro --chat-template {missing}", 1,
+      both(r"does_not_exist", r"cannot read the chat template")),
+    R("serve-template-dir", "serve micro --chat-template {empty_dir}", 1,
+      both(r"empty_dir", r"cannot read the chat template")),
+    R("serve-empty-name", ("serve", "micro", "--served-model-name", " "), 2,
+      r"--served-model-name must not be empty"),
+    R("serve-dtype-choice", "serve micro --dtype fp8", 2, r"--dtype.*invalid choice.*fp8"),
     # --- top level --------------------------------------------------------------------------------
-    R("unknown-command", "serve micro", 2, r"invalid choice.*serve"),
+    R("unknown-command", "frobnicate micro", 2, r"invalid choice.*frobnicate"),
 ]
 
 

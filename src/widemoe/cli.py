@@ -21,7 +21,7 @@ from widemoe import __version__
 from widemoe.commands.errors import EXIT_INTERRUPTED, EXIT_USAGE, USER_ERRORS, exit_status, one_line
 
 # Subcommands in the order `widemoe --help` lists them.
-COMMANDS = ("train", "generate", "report", "inspect", "convert", "export", "cost", "eval")
+COMMANDS = ("train", "generate", "report", "inspect", "convert", "export", "cost", "serve", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
