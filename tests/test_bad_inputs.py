@@ -424,6 +424,10 @@ ROWS: list[Row] = [
     R("serve-empty-name", ("serve", "micro", "--served-model-name", " "), 2,
       r"--served-model-name must not be empty"),
     R("serve-dtype-choice", "serve micro --dtype fp8", 2, r"--dtype.*invalid choice.*fp8"),
+    # weights that fail to load in the background stop the server (it listened on a free port meanwhile)
+    R("serve-truncated-weights", "serve {truncated_weights} --port 0", 1,
+      r"truncated_weights/model\.safetensors.*(truncated|damaged|corrupt)"),
+    R("serve-missing-tensor", "serve {missing_tensor} --port 0", 1, r"missing.*o_proj"),
     # --- top level --------------------------------------------------------------------------------
     R("unknown-command", "frobnicate micro", 2, r"invalid choice.*frobnicate"),
 ]

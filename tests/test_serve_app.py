@@ -25,19 +25,23 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
+import tokenizers
 import torch
 from openai import AsyncOpenAI, OpenAI
+from tokenizers import decoders, models, pre_tokenizers
 
 from widemoe.data.tokenizer import ModelTokenizer
 from widemoe.model.causal_lm import build_model
 from widemoe.presets import get_preset
 from widemoe.serve.app import ServerState
+from widemoe.serve.responses import TokenStrings
 from widemoe.serve.server import Server, serve_in_thread
 
 torch.set_num_threads(1)
 
 CYCLE = [0xC3, 0xA9, 0xE2, 0x82, 0xAC]  # "é€" in UTF-8: greedy decoding cycles through these bytes
 NAME = "rigged-micro"
+POISON = 0xFF  # a prompt holding this byte makes the model's forward raise
 MAX_MODEL_LEN = 96
 MAX_QUEUE = 8
 # A template that refuses tool messages: the chat template file flag, and a template error -> 400
@@ -65,6 +69,12 @@ def rigged_micro() -> torch.nn.Module:
             head[CYCLE[(i + 1) % len(CYCLE)], i] = 0.4  # RMS-normed input is 8 * e_i: logit 3.2
         head[CYCLE[0], other] = 0.4
     assert hidden > len(CYCLE)
+
+    def poison(module: torch.nn.Module, args: tuple) -> None:  # a failure inside the engine's forward
+        if (args[0] == POISON).any():
+            raise RuntimeError("poisoned token")
+
+    model.model.embed_tokens.register_forward_pre_hook(poison)
     return model
 
 
@@ -353,6 +363,16 @@ def test_errors_leave_the_engine_serving(client: OpenAI, http: httpx2.Client) ->
     until(lambda: metrics(http)["active"] == 0 and metrics(http)["waiting"] == 0)
 
 
+def test_engine_failure_is_500_or_a_stream_error_and_the_engine_goes_on(client: OpenAI) -> None:
+    with pytest.raises(openai.InternalServerError, match="poisoned token"):
+        client.completions.create(model=NAME, prompt=[65, POISON], max_tokens=3)
+    stream = client.completions.create(model=NAME, prompt=[POISON], max_tokens=3, stream=True)
+    with pytest.raises(openai.APIError, match="poisoned token"):
+        list(stream)
+    after = client.completions.create(model=NAME, prompt="x", max_tokens=2, temperature=0)
+    assert after.choices[0].text == "é"
+
+
 # ---- clients that leave -------------------------------------------------------------------------------
 
 
@@ -427,3 +447,20 @@ def test_serve_command_starts_answers_and_stops_on_ctrl_c() -> None:
 def test_json_body_must_be_an_object(http: httpx2.Client) -> None:
     r = http.post("/v1/chat/completions", content=json.dumps([1, 2]))
     assert r.status_code == 400 and "not a JSON object" in r.json()["error"]["message"]
+
+
+def test_token_strings_of_a_byte_level_bpe() -> None:
+    """Logprob token strings are the token's exact bytes: a space piece is " ", half a character is
+    written as OpenAI writes it, a special token is its content."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|endoftext|>"])
+    strings = TokenStrings(ModelTokenizer(backend, backend.get_vocab_size()))
+    space, half, eos = (backend.encode(" ").ids[0], backend.encode("é").ids[0],
+                        backend.token_to_id("<|endoftext|>"))
+    assert (strings.bytes(space), strings.text(space)) == (b" ", " ")
+    assert (strings.bytes(half), strings.text(half)) == (b"\xc3", "bytes:\\xc3")
+    assert (strings.bytes(eos), strings.text(eos)) == (b"<|endoftext|>", "<|endoftext|>")

@@ -40,6 +40,7 @@ from widemoe.serve.responses import TokenStrings
 log = logging.getLogger("widemoe.serve")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to end once the engine has stopped
 # What can be served: a model spec (anything `resolve_model` takes), a resolved one, or a loaded pair.
 ModelSource = str | Path | ResolvedModel | tuple[torch.nn.Module, ModelTokenizer]
@@ -189,8 +190,8 @@ def wait_healthy(server: Server, thread: threading.Thread, timeout_s: float = 60
         if not thread.is_alive():
             raise RuntimeError(f"the server at {server.url} stopped before it was healthy")
         if server.uvicorn.started:
-            try:
-                with urllib.request.urlopen(f"{server.url}/health", timeout=5) as r:
+            try:  # no proxy from the environment for a loopback check
+                with NO_PROXY.open(f"{server.url}/health", timeout=5) as r:
                     if r.status == 200:
                         return
             except urllib.error.URLError:
