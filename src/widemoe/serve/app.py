@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from widemoe.data.tokenizer import ModelTokenizer
 from widemoe.serve import responses as R
@@ -102,6 +103,9 @@ def _api(fn: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Aw
         except EngineClosed as e:
             log.info("%s -> 503: %s", where, e)
             return _error(ApiError(503, f"the engine is not running ({e})"))
+        except ClientDisconnect:  # gone while sending the body: nobody to answer
+            log.info("%s -> 499: the client closed the connection", where)
+            return Response(status_code=499)
         except Exception as e:  # noqa: BLE001 - a bug answers 500, it must not take the server down
             log.exception("%s -> 500", where)
             return _error(ApiError(500, f"internal error: {type(e).__name__}: {e}"))

@@ -112,9 +112,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
-    except OSError:
+    except OSError as e:  # "address already in use: 127.0.0.1:8000" rather than a bare errno
         sock.close()
-        raise
+        raise OSError(e.errno, e.strerror, f"{host}:{port}") from None
     return sock
 
 
