@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from widemoe.commands.generate import DTYPES
@@ -72,11 +73,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="jinja chat template instead of the model's own")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--seed", type=int, default=0, help="random-init seed of a preset or config (default 0)")
+    p.add_argument("--threads", type=_int_at_least(1, "--threads"), default=None,
+                   help="torch threads of the engine (default: all cores but one, at least 1; the HTTP side "
+                        "needs a core too, and decode steps of small models do not gain from more threads)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from widemoe.hf.resolve import resolve_model
+    from widemoe.runtime import configure_cpu_runtime
     from widemoe.serve.app import ServerState
     from widemoe.serve.model_files import ChatTemplate, model_directory
     from widemoe.serve.server import ServeOptions, Server, context_length, default_model_name
@@ -87,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     ChatTemplate.for_model(model_directory(resolved), template_file=args.chat_template)
     opts = ServeOptions(max_num_seqs=args.max_num_seqs, max_queue=args.max_queue, max_model_len=max_model_len,
                         chat_template=args.chat_template, dtype=args.dtype, seed=args.seed)
+    configure_cpu_runtime(args.threads or max(1, (os.cpu_count() or 2) - 1))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.served_model_name or default_model_name(args.model)
     server = Server(ServerState(name, max_model_len=max_model_len), args.host, args.port)
