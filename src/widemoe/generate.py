@@ -180,19 +180,23 @@ def _decode(
         rng.manual_seed(gen.seed)
 
     cache: KVCache = model.new_cache()
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    step_ids, step_mask = ids, mask
+    # the mask of every step is a prefix of one buffer (new tokens are always valid): no per-step concat
+    full_mask = torch.ones((B, L + steps), dtype=torch.bool, device=device)
+    full_mask[:, :L] = mask
+    done = [False] * B  # host-side: one device-to-host copy of the tokens per step, no per-row syncs
+    step_ids, S = ids, L
     for _ in range(steps):
-        logits = model(step_ids, attention_mask=step_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+        logits = model(step_ids, attention_mask=full_mask[:, :S], cache=cache, logits_to_keep=1).logits[:, -1]
         tok = next_tokens(logits, gen, rng)
-        tok = torch.where(done, torch.full_like(tok, gen.pad_token_id), tok)
-        yield [None if bool(done[b]) else int(tok[b]) for b in range(B)]
+        if any(done):  # rows that finished earlier decode the pad token; their outputs are dropped
+            tok = tok.masked_fill(torch.tensor(done, device=device), gen.pad_token_id)
+        row = tok.tolist()
+        yield [None if d else t for d, t in zip(done, row)]
         if gen.eos_token_id is not None:
-            done |= tok == gen.eos_token_id
-        if bool(done.all()):
+            done = [d or t == gen.eos_token_id for d, t in zip(done, row)]
+        if all(done):
             break
-        step_ids = tok[:, None]
-        step_mask = torch.cat([step_mask, torch.ones((B, 1), dtype=torch.bool, device=device)], dim=1)
+        step_ids, S = tok[:, None], S + 1
 
 
 __all__ = [

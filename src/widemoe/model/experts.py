@@ -68,6 +68,9 @@ from widemoe.model.dispatch import DispatchPlan, LocalDispatcher, SortedRows, To
 from widemoe.model.expert_workers import plan_chunks, run_on_workers
 
 IMPLS = ("auto", "gmm", "loop", "threads", "autograd")
+# Decoding (no autograd, local dispatch): up to this many token-expert pairs run as per-pair GEMVs on
+# views of the stacked weights (`_decode_pairs`) instead of a dispatch plan and a grouped GEMM.
+DECODE_MAX_PAIRS = 64
 # CPU bf16/fp16 expert segments are padded to multiples of at most this many rows (see `row_quantum`)
 ONEDNN_MAX_QUANTUM = 64
 Jobs = list[tuple[int, int, int]]  # one chunk: (expert, first sorted row, rows)
@@ -373,6 +376,26 @@ def _autograd_experts(x_sorted: SortedRows, counts: list[int], gate_up_EFD: torc
     return dispatcher.combine(ys_RD, w_NK, plan)[0]
 
 
+@torch.no_grad()
+def _decode_pairs(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor, W1: torch.Tensor,
+                  W2: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """y_ND fp32 = Σ_k w_nk · SwiGLU_{e_nk}(x_n) for a few pairs: two GEMVs per pair on views of the stacked
+    weights, one SwiGLU over all pairs, an fp32 weighted sum. Why: at decode sizes (one token per row) the
+    plan, the sort and a grouped GEMM that visits every expert between the first and the last chosen one
+    (CPU `_grouped_mm` runs one GEMM per group, empty ones too) cost more than the GEMVs themselves; a
+    GEMV reads each chosen expert's weights once and copies nothing (gathering the chosen weights first
+    was ~3x slower, V4 decode), and CPU bf16 GEMMs of a few rows are several times slower than GEMVs
+    (tiny preset: 1-row bf16 GEMM 105 us vs GEMV 61 us per 256 KiB expert matrix, 2-core AMD, AVX2)."""
+    N, K = ids_NK.shape
+    I = W2.shape[-1]
+    ids = ids_NK.reshape(-1).tolist()
+    h_PF = torch.stack([torch.mv(W1[e], x_ND[p // K]) for p, e in enumerate(ids)])
+    _clamp_(h_PF, I, limit)
+    a_PI = F.silu(h_PF[:, :I], inplace=True).mul_(h_PF[:, I:])
+    y_PD = torch.stack([torch.mv(W2[e], a_PI[p]) for p, e in enumerate(ids)])
+    return torch.bmm(w_NK.unsqueeze(1), y_PD.view(N, K, -1).float()).squeeze(1)
+
+
 # --------------------------------------------------------------------------------------------------
 # The module
 
@@ -449,12 +472,15 @@ class RoutedExperts(nn.Module):
         w_NK = topk_weights_NK.float()
         W1, W2 = self._compute_weights(x_ND)
         x_ND = x_ND.to(W1.dtype)
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w_NK, W1, W2))
+        if (not grad and capacity is None and isinstance(d, LocalDispatcher) and self.impl == "auto"
+                and 0 < topk_ids_NK.numel() <= DECODE_MAX_PAIRS):
+            return _decode_pairs(x_ND, topk_ids_NK, w_NK, W1, W2, self.swiglu_limit).to(x_ND.dtype), 0
         plan = d.plan(topk_ids_NK, capacity, pad_to=self.row_quantum(x_ND, topk_ids_NK.numel()))
         x_sorted, counts = d.dispatch(x_ND, plan)  # local: a lazy gather, taken per chunk by the compute
         if x_sorted.num_rows == 0 and not d.collective:  # N = 0 or all dropped: zeros, graph kept connected
             zero = ((W1.sum() + W2.sum()) * 0).to(x_ND.dtype) + (w_NK.sum() * 0).to(x_ND.dtype)
             return x_ND * 0 + zero, plan.dropped
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w_NK, W1, W2))
         backend, lim = self.backend_for(x_ND, grad), self.swiglu_limit
         if backend == "autograd" and grad and d.collective:
             raise ValueError("RoutedExperts.impl='autograd' cannot differentiate through an all-to-all "

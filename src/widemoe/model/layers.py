@@ -29,6 +29,7 @@ Shapes: B batch, T tokens, H heads, d channels per head.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -52,12 +53,44 @@ class RMSNorm(nn.Module):
         if in_dtype == torch.float32 and self.weight.dtype == torch.float32:
             # the same arithmetic (pow, mean, + eps, rsqrt, x·r, ·w) in one call: fewer dispatches
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(in_dtype)
+        # fp32 normalisation (x·rsqrt(mean(x²) + eps), one call), cast back, then the weight: the
+        # reference's order of operations, bit-equal to it (tested), in 4 dispatches instead of 8
+        return self.weight * F.rms_norm(x.to(torch.float32), self.weight.shape, None, self.eps).to(in_dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+# CPU bf16 GEMMs of at least this many rows run in fp32 where oneDNN has no bf16 kernels (`linear`)
+UPCAST_MIN_ROWS = 2
+
+
+@functools.cache
+def _cpu_bf16_gemm_is_emulated() -> bool:
+    """True where oneDNN has no bf16 GEMM on this CPU (no AVX512-BF16 / AMX): torch then runs bf16
+    matrix products with a reference kernel that costs about one GEMV per row."""
+    try:
+        return not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def upcast_gemm(x: torch.Tensor, rows: int) -> bool:
+    """Whether an inference product of `rows` bf16 rows should run in fp32 (see `linear`)."""
+    return (rows >= UPCAST_MIN_ROWS and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and not torch.is_grad_enabled() and _cpu_bf16_gemm_is_emulated())
+
+
+def linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``m(x)``; for inference on a CPU without bf16 GEMMs, bf16 inputs of several rows are multiplied in
+    fp32 (weights cast per call) and cast back. The products are the same (a bf16 product is exact in
+    fp32, both kernels accumulate in fp32); only the summation order differs. Why: there, a bf16 GEMM of
+    8 rows took 3x the time of casting and multiplying in fp32 (tiny preset shapes, AMD EPYC AVX2, one
+    thread: [8, 256] x [768, 256]ᵀ 856 us vs 273 us); one row stays bf16 (a GEMV, faster than the cast)."""
+    if upcast_gemm(x, x.numel() // max(1, x.shape[-1])):
+        b = None if m.bias is None else m.bias.float()
+        return F.linear(x.float(), m.weight.float(), b).to(x.dtype)
+    return m(x)
 
 
 class SwiGLU(nn.Module):
@@ -72,10 +105,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(width, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u = self.gate_proj(x), self.up_proj(x)
+        g, u = linear(self.gate_proj, x), linear(self.up_proj, x)
         if self.limit is not None:
             g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
-        return self.down_proj(F.silu(g) * u)
+        return linear(self.down_proj, F.silu(g) * u)
 
 
 class KeepFp32:
@@ -254,6 +287,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 __all__ = [
-    "KeepFp32", "RMSNorm", "SwiGLU", "RotaryEmbedding", "apply_rope", "softmax_scale", "mscale",
-    "rope_inv_freq", "rope_attention_factor", "rope_score_factor",
+    "KeepFp32", "RMSNorm", "SwiGLU", "linear", "upcast_gemm", "RotaryEmbedding", "apply_rope",
+    "softmax_scale", "mscale", "rope_inv_freq", "rope_attention_factor", "rope_score_factor",
 ]

@@ -139,6 +139,11 @@ class WideMoeModel(nn.Module):
         B, T = input_ids_BT.shape
         past = cache.seq_len if cache is not None else 0
         device = input_ids_BT.device
+        if (T == 1 and past > 0 and attention_mask_BS is not None and attention_mask_BS.shape == (B, past + 1)
+                and bool(attention_mask_BS.all())):
+            # a decode step without padding: positions are the slots and one new token sees every key,
+            # so the mask says nothing (dropping it saves a [B, 1, S] mask and its checks per layer)
+            attention_mask_BS = None
         if position_ids_BT is None:
             position_ids_BT = self.positions(attention_mask_BS, B, T, past, device)
         # Plain causal attention (no padding, nothing cached) takes SDPA's is_causal fast path.
