@@ -102,18 +102,21 @@ def attend(q_BTHd: torch.Tensor, k_BSKd: torch.Tensor, v_BSKe: torch.Tensor, mas
                                                    v_BSKe.transpose(1, 2), is_causal=True, scale=scale,
                                                    enable_gqa=True)
             return o.transpose(1, 2)
-        mask_BTS = causal_mask(B, T, S, q_BTHd.device)
-    mask_BTS = _guard_empty_rows(_check_mask(mask_BTS, B, T, S))
+        if T > 1:  # else one new token after the cache: it sees every key, no mask at all
+            mask_BTS = causal_mask(B, T, S, q_BTHd.device)
+    if mask_BTS is not None:
+        mask_BTS = _guard_empty_rows(_check_mask(mask_BTS, B, T, S))
     k_BKSd, v_BKSe = k_BSKd.transpose(1, 2), v_BSKe.transpose(1, 2)
 
     if G > 1 and T <= _FOLD_MAX_T:
         # rows (g, t) of kv head k: the G query heads that share it, folded into the query-length dim
         q_BKMd = q_BTHd.reshape(B, T, K, G, d).permute(0, 2, 3, 1, 4).reshape(B, K, G * T, d)
-        m_B1MS = mask_BTS[:, None, None].expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
+        m_B1MS = None if mask_BTS is None else mask_BTS[:, None, None].expand(B, 1, G, T, S).reshape(
+            B, 1, G * T, S)
         o_BKMe = F.scaled_dot_product_attention(q_BKMd, k_BKSd, v_BKSe, attn_mask=m_B1MS, scale=scale)
         return o_BKMe.view(B, K, G, T, e).permute(0, 3, 1, 2, 4).reshape(B, T, H, e)
 
-    q_BHTd, m_B1TS = q_BTHd.transpose(1, 2), mask_BTS[:, None]
+    q_BHTd, m_B1TS = q_BTHd.transpose(1, 2), None if mask_BTS is None else mask_BTS[:, None]
     if G == 1:
         o = F.scaled_dot_product_attention(q_BHTd, k_BKSd, v_BKSe, attn_mask=m_B1TS, scale=scale)
     elif K == 1:  # MQA (absorbed MLA): a stride-0 expand, no copy of the shared key/value
@@ -166,13 +169,13 @@ class MLAttention(nn.Module):
         else:
             q = linear(self.q_b_proj, self.q_a_layernorm(linear(self.q_a_proj, x_BTD)))
         q_nope_BTHn, q_pe_BTHp = q.view(B, T, H, self.qk_dim).split([self.nope, self.rope], dim=-1)
-        q_pe_BTHp = apply_rope(q_pe_BTHp, cos, sin, self.interleave)
-        if self.rope_factor != 1.0:
-            q_pe_BTHp = q_pe_BTHp * self.rope_factor
-
         c_kv_BTr, k_pe_BTp = linear(self.kv_a_proj_with_mqa, x_BTD).split([r, self.rope], dim=-1)
         c_kv_BTr = self.kv_a_layernorm(c_kv_BTr)
-        k_pe_BT1p = apply_rope(k_pe_BTp[:, :, None], cos, sin, self.interleave)
+        # q_pe and k_pe rotated in one call (elementwise, so the same values; half the small ops)
+        pe_BTGp = apply_rope(torch.cat([q_pe_BTHp, k_pe_BTp[:, :, None]], dim=2), cos, sin, self.interleave)
+        q_pe_BTHp, k_pe_BT1p = pe_BTGp.split([H, 1], dim=2)
+        if self.rope_factor != 1.0:
+            q_pe_BTHp = q_pe_BTHp * self.rope_factor
 
         lat_BSx = None
         if cache is not None:

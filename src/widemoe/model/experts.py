@@ -68,8 +68,10 @@ from widemoe.model.dispatch import DispatchPlan, LocalDispatcher, SortedRows, To
 from widemoe.model.expert_workers import plan_chunks, run_on_workers
 
 IMPLS = ("auto", "gmm", "loop", "threads", "autograd")
-# Decoding (no autograd, local dispatch): up to this many token-expert pairs run as per-pair GEMVs on
-# views of the stacked weights (`_decode_pairs`) instead of a dispatch plan and a grouped GEMM.
+# Decoding (no autograd, local dispatch): up to DECODE_GEMV_PAIRS token-expert pairs run as per-pair
+# GEMVs on views of the stacked weights (`_decode_pairs`), up to DECODE_MAX_PAIRS as one sort and two
+# grouped GEMMs without a dispatch plan (`_decode_grouped`); more take the dispatch path.
+DECODE_GEMV_PAIRS = 16
 DECODE_MAX_PAIRS = 64
 # CPU bf16/fp16 expert segments are padded to multiples of at most this many rows (see `row_quantum`)
 ONEDNN_MAX_QUANTUM = 64
@@ -389,11 +391,33 @@ def _decode_pairs(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor, 
     N, K = ids_NK.shape
     I = W2.shape[-1]
     ids = ids_NK.reshape(-1).tolist()
-    h_PF = torch.stack([torch.mv(W1[e], x_ND[p // K]) for p, e in enumerate(ids)])
+    x_rows = x_ND.unbind(0)  # one call for all row views (not one indexing op per pair)
+    h_PF = torch.stack([torch.mv(W1[e], x_rows[p // K]) for p, e in enumerate(ids)])
+    _clamp_(h_PF, I, limit)
+    a_rows = F.silu(h_PF[:, :I], inplace=True).mul_(h_PF[:, I:]).unbind(0)
+    y_PD = torch.stack([torch.mv(W2[e], a) for e, a in zip(ids, a_rows)])
+    return torch.bmm(w_NK.unsqueeze(1), y_PD.view(N, K, -1).float()).squeeze(1)
+
+
+@torch.no_grad()
+def _decode_grouped(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor, W1: torch.Tensor,
+                    W2: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """`_decode_pairs` for a few dozen pairs (a batch of decoding rows): sort the pairs by expert, two
+    `_grouped_mm` (each chosen expert's weights read once, its rows in one GEMM; the loop over experts is
+    in C++), one fp32 weighted scatter-add; a dozen ops whatever the number of pairs, against four per
+    pair (tiny preset, 48 pairs: 20% faster in fp32, 8% in bf16). Needs `gmm_supported` strides."""
+    N, K = ids_NK.shape
+    I = W2.shape[-1]
+    flat_P = ids_NK.reshape(-1)
+    order_P = flat_P.argsort(stable=True)
+    offs_E = torch.bincount(flat_P, minlength=W1.shape[0]).cumsum(0).to(torch.int32)
+    tok_P = order_P // K
+    h_PF = torch._grouped_mm(x_ND.index_select(0, tok_P), W1.transpose(-2, -1), offs=offs_E)
     _clamp_(h_PF, I, limit)
     a_PI = F.silu(h_PF[:, :I], inplace=True).mul_(h_PF[:, I:])
-    y_PD = torch.stack([torch.mv(W2[e], a_PI[p]) for p, e in enumerate(ids)])
-    return torch.bmm(w_NK.unsqueeze(1), y_PD.view(N, K, -1).float()).squeeze(1)
+    y_PD = torch._grouped_mm(a_PI, W2.transpose(-2, -1), offs=offs_E).float()
+    y_PD.mul_(w_NK.reshape(-1)[order_P, None])
+    return torch.zeros((N, y_PD.shape[1]), dtype=torch.float32, device=x_ND.device).index_add_(0, tok_P, y_PD)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,9 +497,12 @@ class RoutedExperts(nn.Module):
         W1, W2 = self._compute_weights(x_ND)
         x_ND = x_ND.to(W1.dtype)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x_ND, w_NK, W1, W2))
+        pairs = topk_ids_NK.numel()
         if (not grad and capacity is None and isinstance(d, LocalDispatcher) and self.impl == "auto"
-                and 0 < topk_ids_NK.numel() <= DECODE_MAX_PAIRS):
-            return _decode_pairs(x_ND, topk_ids_NK, w_NK, W1, W2, self.swiglu_limit).to(x_ND.dtype), 0
+                and 0 < pairs <= DECODE_MAX_PAIRS):
+            aligned = gmm_supported(x_ND, self.hidden_size, self.intermediate_size)
+            fn = _decode_grouped if pairs > DECODE_GEMV_PAIRS and aligned else _decode_pairs
+            return fn(x_ND, topk_ids_NK, w_NK, W1, W2, self.swiglu_limit).to(x_ND.dtype), 0
         plan = d.plan(topk_ids_NK, capacity, pad_to=self.row_quantum(x_ND, topk_ids_NK.numel()))
         x_sorted, counts = d.dispatch(x_ND, plan)  # local: a lazy gather, taken per chunk by the compute
         if x_sorted.num_rows == 0 and not d.collective:  # N = 0 or all dropped: zeros, graph kept connected

@@ -146,8 +146,9 @@ class WideMoeModel(nn.Module):
             attention_mask_BS = None
         if position_ids_BT is None:
             position_ids_BT = self.positions(attention_mask_BS, B, T, past, device)
-        # Plain causal attention (no padding, nothing cached) takes SDPA's is_causal fast path.
-        plain = attention_mask_BS is None and past == 0
+        # Plain causal attention (no padding, nothing cached) takes SDPA's is_causal fast path; without
+        # padding, one new token after the cache sees every key: no mask either.
+        plain = attention_mask_BS is None and (past == 0 or T == 1)
         mask_BTS = None if plain else build_mask(attention_mask_BS, B, T, past, device)
         cos, sin = self.rotary_emb(position_ids_BT)
         x = self.embed_tokens(input_ids_BT)
