@@ -17,7 +17,7 @@ and whether the two produced the same greedy tokens (the first mismatching step 
 random weights give near-tied logits, where fp32 summation order may pick a different token).
 
 Usage: python benchmarks/decode.py [--dtype fp32,bf16] [--batch 1,8] [--new-tokens 64] [--reps 5]
-       [--prompt-len 32] [--threads 2] [--checkpoint DIR] [--out PATH]
+       [--prompt-len 32] [--threads 1] [--checkpoint DIR] [--out PATH]
 Writes benchmarks/results/decode.json.
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -133,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--reps", type=int, default=5, help="timed round-robin repetitions (median)")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads for both (default 1: on the shared 2-core machine, "
+                         "2-thread OpenMP ops wait at barriers for descheduled partners: "
+                         "both sides 5-10x slower)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -172,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"commit": version, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "model": str(args.checkpoint) if args.checkpoint else f"tiny preset, random seed {args.seed}",
            "torch": torch.__version__, "transformers": transformers.__version__, "runtime": runtime,
-           "machine": platform.machine(), "reps": args.reps, "seconds": time.perf_counter() - t_start,
+           "machine": platform.machine(), "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(),
+           "reps": args.reps, "seconds": time.perf_counter() - t_start,
            "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))

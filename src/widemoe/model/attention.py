@@ -17,7 +17,8 @@ MLA has two forms with equal outputs (tested):
   (MQA over ``r + rope`` channels), so the cache holds ``r + rope`` values per token per layer.
   The two are stored as one ``"latent"`` entry ``[c_kv ; k_pe]``: the scores need them concatenated,
   so no per-step concatenation of the history is needed; the same tensor serves as the values and
-  the k_pe channels of the output are dropped (equal q/k/v widths keep SDPA on its fused kernel).
+  the k_pe channels of the output are dropped. With one shared head, attention is two batched GEMMs
+  over ``[B, T·H, r + rope]`` query rows in fp32 (`MLAttention._absorbed`), not SDPA.
 
 Numerics: attention math runs in the input dtype through ``F.scaled_dot_product_attention`` with
 the boolean mask (softmax accumulates in fp32 inside SDPA). A query row with no allowed key (a

@@ -1,7 +1,8 @@
 """CPU expert-parallel execution for the chunked expert compute of `widemoe.model.experts`: a pool of
 single-threaded worker threads, the cut of the expert-sorted rows into chunks, and running the chunks on
-the workers with one fp32 accumulator each. Measurements behind the design are in the experts module's
-docstring and in the comments below."""
+the workers with one fp32 accumulator each; and the decode-size executions that need none of it (a few
+token-expert pairs: GEMVs on weight views, or one sort and two grouped GEMMs). Measurements behind the
+design are in the experts module's docstring, in benchmarks/decode.py and in the comments below."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 
 # Chunked expert execution (CPU). Many small per-expert GEMMs each open an OpenMP parallel
 # region; on a busy 2-core machine every region waits for a descheduled partner thread, and 2-thread
@@ -120,5 +122,62 @@ def plan_chunks(counts: list[int], workers: int, width: int, element_size: int,
     pieces = workers * max(1, math.ceil(sum(counts) / (rows_max * workers)))
     return segment_chunks(counts, pieces, quantum=quantum)
 
+# --------------------------------------------------------------------------------------------------
+# Decode sizes (no autograd, local dispatch, a few token-expert pairs): no plan, no chunks, no workers.
+# Up to DECODE_GEMV_PAIRS pairs run as per-pair GEMVs on views of the stacked weights (`decode_pairs`),
+# up to DECODE_MAX_PAIRS as one sort and two grouped GEMMs (`decode_grouped`); more take the chunks.
+DECODE_GEMV_PAIRS = 16
+DECODE_MAX_PAIRS = 64
 
-__all__ = ["CHUNK_BYTES", "expert_pool", "parallel", "plan_chunks", "run_on_workers", "segment_chunks"]
+
+def _clamp(h_PF: torch.Tensor, I: int, limit: float | None) -> None:
+    """DeepSeek-V4's SwiGLU clamp, in place (as `experts._clamp_`): gate <= limit, |up| <= limit."""
+    if limit is not None:
+        h_PF[:, :I].clamp_(max=limit)
+        h_PF[:, I:].clamp_(min=-limit, max=limit)
+
+
+@torch.no_grad()
+def decode_pairs(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor, W1: torch.Tensor,
+                 W2: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """y_ND fp32 = Σ_k w_nk · SwiGLU_{e_nk}(x_n) for a few pairs: two GEMVs per pair on views of the stacked
+    weights, one SwiGLU over all pairs, an fp32 weighted sum. Why: at decode sizes (one token per row) the
+    plan, the sort and a grouped GEMM that visits every expert between the first and the last chosen one
+    (CPU `_grouped_mm` runs one GEMM per group, empty ones too) cost more than the GEMVs themselves; a
+    GEMV reads each chosen expert's weights once and copies nothing (gathering the chosen weights first
+    was ~3x slower, V4 decode), and CPU bf16 GEMMs of a few rows are several times slower than GEMVs
+    (tiny preset: 1-row bf16 GEMM 105 us vs GEMV 61 us per 256 KiB expert matrix, 2-core AMD, AVX2)."""
+    N, K = ids_NK.shape
+    I = W2.shape[-1]
+    ids = ids_NK.reshape(-1).tolist()
+    x_rows = x_ND.unbind(0)  # one call for all row views (not one indexing op per pair)
+    h_PF = torch.stack([torch.mv(W1[e], x_rows[p // K]) for p, e in enumerate(ids)])
+    _clamp(h_PF, I, limit)
+    a_rows = F.silu(h_PF[:, :I], inplace=True).mul_(h_PF[:, I:]).unbind(0)
+    y_PD = torch.stack([torch.mv(W2[e], a) for e, a in zip(ids, a_rows)])
+    return torch.bmm(w_NK.unsqueeze(1), y_PD.view(N, K, -1).float()).squeeze(1)
+
+
+@torch.no_grad()
+def decode_grouped(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor, W1: torch.Tensor,
+                   W2: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """`decode_pairs` for a few dozen pairs (a batch of decoding rows): sort the pairs by expert, two
+    `_grouped_mm` (each chosen expert's weights read once, its rows in one GEMM; the loop over experts is
+    in C++), one fp32 weighted scatter-add; a dozen ops whatever the number of pairs, against four per
+    pair (tiny preset, 48 pairs: 20% faster in fp32, 8% in bf16). Needs `gmm_supported` strides."""
+    N, K = ids_NK.shape
+    I = W2.shape[-1]
+    flat_P = ids_NK.reshape(-1)
+    order_P = flat_P.argsort(stable=True)
+    offs_E = torch.bincount(flat_P, minlength=W1.shape[0]).cumsum(0).to(torch.int32)
+    tok_P = order_P // K
+    h_PF = torch._grouped_mm(x_ND.index_select(0, tok_P), W1.transpose(-2, -1), offs=offs_E)
+    _clamp(h_PF, I, limit)
+    a_PI = F.silu(h_PF[:, :I], inplace=True).mul_(h_PF[:, I:])
+    y_PD = torch._grouped_mm(a_PI, W2.transpose(-2, -1), offs=offs_E).float()
+    y_PD.mul_(w_NK.reshape(-1)[order_P, None])
+    return torch.zeros((N, y_PD.shape[1]), dtype=torch.float32, device=x_ND.device).index_add_(0, tok_P, y_PD)
+
+
+__all__ = ["CHUNK_BYTES", "DECODE_GEMV_PAIRS", "DECODE_MAX_PAIRS", "decode_grouped", "decode_pairs",
+           "expert_pool", "parallel", "plan_chunks", "run_on_workers", "segment_chunks"]

@@ -28,6 +28,10 @@ activation. Two executions, both hand-written `torch.autograd.Function`s composi
   16-byte-aligned strides), the dispatcher's whole-buffer combine (un-permute gather + one fp32 batched
   GEMV).
 
+- decoding (no autograd, local dispatch, at most `DECODE_MAX_PAIRS` token-expert pairs, impl "auto"):
+  no dispatch plan; a few pairs run two GEMVs each on views of the stacked weights, a batch of rows
+  one sort and two `_grouped_mm` (`expert_workers.decode_pairs` / `decode_grouped`).
+
 Saved tensors are kept once, weight gradients are written straight into [E, ...] buffers, and autograd
 never indexes a 3-D parameter as `W[e]` (each `SelectBackward` zero-fills a tensor the size of the whole
 parameter: 40x slower backward at E=256, cpu-performance-detail §5). Experts that receive no tokens get
@@ -65,14 +69,16 @@ from torch import nn
 
 from widemoe.config import ModelConfig
 from widemoe.model.dispatch import DispatchPlan, LocalDispatcher, SortedRows, TokenDispatcher, group_ends
-from widemoe.model.expert_workers import plan_chunks, run_on_workers
+from widemoe.model.expert_workers import (
+    DECODE_GEMV_PAIRS,
+    DECODE_MAX_PAIRS,
+    decode_grouped,
+    decode_pairs,
+    plan_chunks,
+    run_on_workers,
+)
 
 IMPLS = ("auto", "gmm", "loop", "threads", "autograd")
-# Decoding (no autograd, local dispatch): up to DECODE_GEMV_PAIRS token-expert pairs run as per-pair
-# GEMVs on views of the stacked weights (`_decode_pairs`), up to DECODE_MAX_PAIRS as one sort and two
-# grouped GEMMs without a dispatch plan (`_decode_grouped`); more take the dispatch path.
-DECODE_GEMV_PAIRS = 16
-DECODE_MAX_PAIRS = 64
 # CPU bf16/fp16 expert segments are padded to multiples of at most this many rows (see `row_quantum`)
 ONEDNN_MAX_QUANTUM = 64
 Jobs = list[tuple[int, int, int]]  # one chunk: (expert, first sorted row, rows)
@@ -378,48 +384,6 @@ def _autograd_experts(x_sorted: SortedRows, counts: list[int], gate_up_EFD: torc
     return dispatcher.combine(ys_RD, w_NK, plan)[0]
 
 
-@torch.no_grad()
-def _decode_pairs(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor, W1: torch.Tensor,
-                  W2: torch.Tensor, limit: float | None) -> torch.Tensor:
-    """y_ND fp32 = Σ_k w_nk · SwiGLU_{e_nk}(x_n) for a few pairs: two GEMVs per pair on views of the stacked
-    weights, one SwiGLU over all pairs, an fp32 weighted sum. Why: at decode sizes (one token per row) the
-    plan, the sort and a grouped GEMM that visits every expert between the first and the last chosen one
-    (CPU `_grouped_mm` runs one GEMM per group, empty ones too) cost more than the GEMVs themselves; a
-    GEMV reads each chosen expert's weights once and copies nothing (gathering the chosen weights first
-    was ~3x slower, V4 decode), and CPU bf16 GEMMs of a few rows are several times slower than GEMVs
-    (tiny preset: 1-row bf16 GEMM 105 us vs GEMV 61 us per 256 KiB expert matrix, 2-core AMD, AVX2)."""
-    N, K = ids_NK.shape
-    I = W2.shape[-1]
-    ids = ids_NK.reshape(-1).tolist()
-    x_rows = x_ND.unbind(0)  # one call for all row views (not one indexing op per pair)
-    h_PF = torch.stack([torch.mv(W1[e], x_rows[p // K]) for p, e in enumerate(ids)])
-    _clamp_(h_PF, I, limit)
-    a_rows = F.silu(h_PF[:, :I], inplace=True).mul_(h_PF[:, I:]).unbind(0)
-    y_PD = torch.stack([torch.mv(W2[e], a) for e, a in zip(ids, a_rows)])
-    return torch.bmm(w_NK.unsqueeze(1), y_PD.view(N, K, -1).float()).squeeze(1)
-
-
-@torch.no_grad()
-def _decode_grouped(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor, W1: torch.Tensor,
-                    W2: torch.Tensor, limit: float | None) -> torch.Tensor:
-    """`_decode_pairs` for a few dozen pairs (a batch of decoding rows): sort the pairs by expert, two
-    `_grouped_mm` (each chosen expert's weights read once, its rows in one GEMM; the loop over experts is
-    in C++), one fp32 weighted scatter-add; a dozen ops whatever the number of pairs, against four per
-    pair (tiny preset, 48 pairs: 20% faster in fp32, 8% in bf16). Needs `gmm_supported` strides."""
-    N, K = ids_NK.shape
-    I = W2.shape[-1]
-    flat_P = ids_NK.reshape(-1)
-    order_P = flat_P.argsort(stable=True)
-    offs_E = torch.bincount(flat_P, minlength=W1.shape[0]).cumsum(0).to(torch.int32)
-    tok_P = order_P // K
-    h_PF = torch._grouped_mm(x_ND.index_select(0, tok_P), W1.transpose(-2, -1), offs=offs_E)
-    _clamp_(h_PF, I, limit)
-    a_PI = F.silu(h_PF[:, :I], inplace=True).mul_(h_PF[:, I:])
-    y_PD = torch._grouped_mm(a_PI, W2.transpose(-2, -1), offs=offs_E).float()
-    y_PD.mul_(w_NK.reshape(-1)[order_P, None])
-    return torch.zeros((N, y_PD.shape[1]), dtype=torch.float32, device=x_ND.device).index_add_(0, tok_P, y_PD)
-
-
 # --------------------------------------------------------------------------------------------------
 # The module
 
@@ -501,7 +465,7 @@ class RoutedExperts(nn.Module):
         if (not grad and capacity is None and isinstance(d, LocalDispatcher) and self.impl == "auto"
                 and 0 < pairs <= DECODE_MAX_PAIRS):
             aligned = gmm_supported(x_ND, self.hidden_size, self.intermediate_size)
-            fn = _decode_grouped if pairs > DECODE_GEMV_PAIRS and aligned else _decode_pairs
+            fn = decode_grouped if pairs > DECODE_GEMV_PAIRS and aligned else decode_pairs
             return fn(x_ND, topk_ids_NK, w_NK, W1, W2, self.swiglu_limit).to(x_ND.dtype), 0
         plan = d.plan(topk_ids_NK, capacity, pad_to=self.row_quantum(x_ND, topk_ids_NK.numel()))
         x_sorted, counts = d.dispatch(x_ND, plan)  # local: a lazy gather, taken per chunk by the compute
