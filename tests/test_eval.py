@@ -29,7 +29,8 @@ from widemoe.presets import get_preset
 from widemoe.report.evals import load_eval_scores, scores_text
 from widemoe.serve.server import serve_in_thread
 
-TASKS = ("widemoe_arithmetic", "widemoe_austen_cloze", "widemoe_code_next_line")
+TASKS = ("widemoe_arithmetic", "widemoe_austen_cloze", "widemoe_austen_word_order", "widemoe_code_next_line")
+CHOICE_TASKS = TASKS[1:]  # multiple choice: loglikelihood requests
 LIMIT = 2
 TOL = 1e-4
 
@@ -98,12 +99,12 @@ def test_lm_eval_loglikelihoods_equal_a_direct_forward(run_dir: Path, capsys) ->
     out = run_dir / "eval" / "step-00000001"
     (results_file,) = out.glob("results_*.json")
     results = json.loads(results_file.read_text())["results"]
-    assert sorted(results) == sorted(TASKS)
+    assert sorted(results) == sorted(TASKS) == sorted(known_tasks())
     assert all(results[t]["sample_len"] == LIMIT for t in TASKS)
     model = load_pretrained(ckpt, dtype=torch.float32).eval()
     tok = ModelTokenizer.for_model(ckpt, 512, 0)
-    n = check_loglikelihoods(out, model, tok, ("widemoe_austen_cloze", "widemoe_code_next_line"))
-    assert n == 2 * LIMIT * 4
+    n = check_loglikelihoods(out, model, tok, CHOICE_TASKS)
+    assert n == len(CHOICE_TASKS) * LIMIT * 4
     gens = samples_of(out, "widemoe_arithmetic")
     assert len(gens) == LIMIT and all(isinstance(s["resps"][0][0], str) for s in gens)
     printed = capsys.readouterr().out
@@ -136,7 +137,8 @@ def test_task_data_come_from_the_held_out_split() -> None:
     the corpus's held-out bucket; each jsonl stays small."""
     unwrap = {s: " ".join(" ".join(d.text for d in prose_documents() if d.split == s).split())
               for s in ("train", "heldout")}
-    docs = [json.loads(x) for x in (DATA_DIR / "widemoe_austen_cloze.jsonl").read_text().splitlines()]
+    docs = [json.loads(x) for t in ("widemoe_austen_cloze", "widemoe_austen_word_order")
+            for x in (DATA_DIR / f"{t}.jsonl").read_text().splitlines()]
     for d in docs:
         true = d["context"] + d["choices"][d["label"]]
         assert true in unwrap["heldout"] and d["context"] not in unwrap["train"]
@@ -147,4 +149,4 @@ def test_task_data_come_from_the_held_out_split() -> None:
         text = f"Q: {d['question']}\nA: {d['answer']}".encode()
         assert int.from_bytes(hashlib.sha256(text).digest()[:8], "big") % MATH_HELDOUT_MOD == 0
     for path in DATA_DIR.glob("*.jsonl"):
-        assert path.stat().st_size < 200_000 and len(path.read_text().splitlines()) == 200
+        assert path.stat().st_size < 200_000 and len(path.read_text().splitlines()) == 120

@@ -6,9 +6,10 @@ Hugging Face model directory, a config file or a preset. Without --url the model
 evaluated (MODEL then only names where the results go). lm-eval's `local-completions` model talks to it
 offline; the tasks are widemoe's own YAML + jsonl, built from the corpus's held-out split:
 
-    widemoe_austen_cloze     choose a held-out Austen sentence's true ending (acc, acc_norm)
-    widemoe_code_next_line   choose the next line of held-out stdlib code (acc, acc_norm)
-    widemoe_arithmetic       generate the worked answer of an arithmetic problem (exact_match)
+    widemoe_austen_cloze       choose a held-out Austen sentence's true ending (acc, acc_norm)
+    widemoe_austen_word_order  choose its ending's true word order among shuffles (acc, acc_norm)
+    widemoe_code_next_line     choose the next line of held-out stdlib code (acc, acc_norm)
+    widemoe_arithmetic         generate the worked answer of an arithmetic problem (exact_match)
 
 Results: lm-eval's results JSON and per-sample logs (loglikelihoods, generations) in --output, by default
 RUN/eval/<checkpoint>/ for a run directory (`widemoe report RUN` shows them) and ./eval_results/<name>/
