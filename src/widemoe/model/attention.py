@@ -210,7 +210,7 @@ class MLAttention(nn.Module):
         dtype = q_nope_BTHn.dtype
         w_Hxr = self.kv_b_proj.weight.view(H, n + self.v_dim, r)
         q_HMn = q_nope_BTHn.permute(2, 0, 1, 3).reshape(H, B * T, n)
-        if upcast_gemm(q_HMn, B * T):  # bf16 batched GEMMs are emulated on this CPU (layers.linear)
+        if upcast_gemm(q_HMn, B * T, w_Hxr):  # bf16 batched GEMMs are emulated on this CPU (layers.linear)
             w_Hxr, q_HMn = w_Hxr.float(), q_HMn.float()
         q_lat_BTHr = torch.bmm(q_HMn, w_Hxr[:, :n]).view(H, B, T, r).permute(1, 2, 0, 3)
         q_BMx = torch.cat([q_lat_BTHr.float(), q_pe_BTHp.float()], dim=-1).view(B, T * H, -1)

@@ -61,8 +61,10 @@ class RMSNorm(nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}"
 
 
-# CPU bf16 GEMMs of at least this many rows run in fp32 where oneDNN has no bf16 kernels (`linear`)
+# CPU bf16 GEMMs of at least this many rows run in fp32 where oneDNN has no bf16 kernels (`linear`), for
+# weights up to UPCAST_MAX_WEIGHT elements (the fp32 copy is made per call: at most 256 MiB)
 UPCAST_MIN_ROWS = 2
+UPCAST_MAX_WEIGHT = 1 << 26
 
 
 @functools.cache
@@ -75,10 +77,11 @@ def _cpu_bf16_gemm_is_emulated() -> bool:
         return False
 
 
-def upcast_gemm(x: torch.Tensor, rows: int) -> bool:
-    """Whether an inference product of `rows` bf16 rows should run in fp32 (see `linear`)."""
+def upcast_gemm(x: torch.Tensor, rows: int, weight: torch.Tensor) -> bool:
+    """Whether an inference product of `rows` bf16 rows of `x` with `weight` should run in fp32 (`linear`)."""
     return (rows >= UPCAST_MIN_ROWS and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and not torch.is_grad_enabled() and _cpu_bf16_gemm_is_emulated())
+            and weight.numel() <= UPCAST_MAX_WEIGHT and not torch.is_grad_enabled()
+            and _cpu_bf16_gemm_is_emulated())
 
 
 def linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -87,7 +90,7 @@ def linear(m: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     fp32, both kernels accumulate in fp32); only the summation order differs. Why: there, a bf16 GEMM of
     8 rows took 3x the time of casting and multiplying in fp32 (tiny preset shapes, AMD EPYC AVX2, one
     thread: [8, 256] x [768, 256]ᵀ 856 us vs 273 us); one row stays bf16 (a GEMV, faster than the cast)."""
-    if upcast_gemm(x, x.numel() // max(1, x.shape[-1])):
+    if upcast_gemm(x, x.numel() // max(1, x.shape[-1]), m.weight):
         b = None if m.bias is None else m.bias.float()
         return F.linear(x.float(), m.weight.float(), b).to(x.dtype)
     return m(x)
