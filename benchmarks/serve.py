@@ -18,9 +18,12 @@ Servers (`--servers`):
 A server that is not installed, does not start or fails its warm-up is recorded with the reason (and the
 end of its log) and skipped for that model in later rounds; no numbers are made up for it.
 
-Speed is measured with all cores available to the server (no thread limit set). Prints a table of the
-medians over rounds and the ratios widemoe / peer, and writes benchmarks/results/serve.json (code
-version, date, machine, server versions, every run's raw numbers) after every run.
+Speed is measured with all cores available to the server (no thread limit set). After every level
+widemoe's `/metrics` (largest batch seen, tokens generated) is stored with the level. Prints a table of
+the medians over rounds and the ratios widemoe / peer, and writes benchmarks/results/serve.json (code
+version, date, machine, server versions, every run's raw numbers) after every run. `--widemoe-args`
+passes extra `widemoe serve` flags (serve_seqs32.json: `--max-num-seqs 32`, so all 32 clients decode
+together instead of the default 16).
 
 Usage: python benchmarks/serve.py [--servers widemoe,vllm,tf-cb,tf] [--models qwen3moe,deepseekv3]
        [--clients 1,8,32] [--rounds 2]
@@ -62,6 +65,7 @@ class Server:
     extra: dict[str, Any] = field(default_factory=dict)  # request fields the server accepts
     env: dict[str, str] = field(default_factory=dict)
     start_timeout: float = 300.0
+    metrics_path: str | None = None  # a JSON counters endpoint, read after every level
 
 
 def server_spec(name: str, model_dir: Path, port: int, peers: Path, widemoe_args: list[str]) -> Server:
@@ -69,7 +73,7 @@ def server_spec(name: str, model_dir: Path, port: int, peers: Path, widemoe_args
     if name == "widemoe":
         cmd = [sys.executable, "-m", "widemoe", "serve", str(model_dir), "--dtype", "bf16", *widemoe_args,
                *host]
-        return Server(name, cmd, "/health", {"ignore_eos": True})
+        return Server(name, cmd, "/health", {"ignore_eos": True}, metrics_path="/metrics")
     if name == "vllm":
         cmd = [str(peers / "vllm" / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model",
                str(model_dir), "--max-model-len", "1024", "--dtype", "bfloat16", *host]
@@ -122,7 +126,9 @@ def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
             "note": "cores shared with ~6 other concurrently working agents: absolute numbers are noisy; "
                     "servers alternate within each round so ratios compare the same moments",
-            "threads": "no thread limit set for the servers (they use all cores)"}
+            "threads": "no thread limit set by the benchmark; each server picks its own (seen in their logs: "
+                       "vLLM binds its worker to 1 core and reserves the other, `widemoe serve` runs its "
+                       "engine on cores - 1 = 1 thread, transformers serve uses torch's default)"}
 
 
 def free_port() -> int:
@@ -167,12 +173,20 @@ def log_tail(path: Path, n: int = 1500) -> str:
         return ""
 
 
-def served_model(base: str, fallback: str) -> str:
+def get_json(url: str) -> Any:
+    """The JSON body of a GET, or None when it does not answer with JSON."""
     try:
-        with urllib.request.urlopen(base + "/v1/models", timeout=10.0) as r:
-            data = json.loads(r.read()).get("data") or []
-        return str(data[0]["id"]) if data else fallback
-    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError):
+        with urllib.request.urlopen(url, timeout=10.0) as r:
+            return json.loads(r.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def served_model(base: str, fallback: str) -> str:
+    body = get_json(base + "/v1/models")
+    try:
+        return str(body["data"][0]["id"])
+    except (TypeError, KeyError, IndexError):
         return fallback
 
 
@@ -204,6 +218,8 @@ def run_server(spec: Server, model_dir: Path, clients: list[int], log: Path) -> 
         for c in clients:
             lv = measure(url, model, c, max(4, 2 * c), spec.extra)
             rec["levels"].append(lv)
+            if spec.metrics_path:
+                lv["server_metrics"] = get_json(base + spec.metrics_path)
             tps = lv["tokens_per_s"] or 0.0
             print(f"    {c:>3} clients: {tps:7.1f} tok/s  ok {lv['ok']}/{lv['requests']}  ttft p50 "
                   f"{_ms(lv['ttft_p50_s'])}  itl p50/p95 {_ms(lv['itl_p50_s'])}/{_ms(lv['itl_p95_s'])}"
