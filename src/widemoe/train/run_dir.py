@@ -28,7 +28,7 @@ from widemoe.hf.resolve import STEP_DIR_RE, latest_checkpoint
 
 LOCK_FILE = ".lock"
 # What a run writes into its directory; --fresh deletes exactly these.
-RUN_FILES = ("metrics.jsonl", "checkpoints", "report", "summary.json")
+RUN_FILES = ("metrics.jsonl", "checkpoints", "report", "summary.json", "eval")
 # A lock file that cannot be parsed this long after it was written is a crash's leftover.
 UNREADABLE_LOCK_GRACE_S = 10.0
 
