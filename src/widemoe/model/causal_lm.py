@@ -26,6 +26,7 @@ from torch import nn
 from widemoe.cache import KVCache
 from widemoe.config import ModelConfig
 from widemoe.model.deepseek_v4 import V4Model
+from widemoe.model.layers import linear
 from widemoe.model.loss import IGNORE_INDEX, linear_cross_entropy
 from widemoe.model.moe import MoE, RoutingInfo
 from widemoe.model.transformer import WideMoeModel
@@ -127,7 +128,8 @@ class WideMoeForCausalLM(nn.Module):
             hidden = hidden[:, -logits_to_keep:]
         fused = labels is not None and logits_to_keep == 0 and (
             return_logits is False or (return_logits is None and self.training and torch.is_grad_enabled()))
-        out = CausalLMOutput(logits=None if fused else self.lm_head(hidden), routing=routing, hidden_states=h)
+        logits = None if fused else linear(self.lm_head, hidden)  # bf16 inference: see layers.linear
+        out = CausalLMOutput(logits=logits, routing=routing, hidden_states=h)
         if labels is None:
             return out
 

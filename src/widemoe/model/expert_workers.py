@@ -127,7 +127,7 @@ def plan_chunks(counts: list[int], workers: int, width: int, element_size: int,
 # Up to DECODE_GEMV_PAIRS pairs run as per-pair GEMVs on views of the stacked weights (`decode_pairs`),
 # up to DECODE_MAX_PAIRS as one sort and two grouped GEMMs (`decode_grouped`); more take the chunks.
 DECODE_GEMV_PAIRS = 16
-DECODE_MAX_PAIRS = 64
+DECODE_MAX_PAIRS = 512
 
 
 def _clamp(h_PF: torch.Tensor, I: int, limit: float | None) -> None:
