@@ -66,7 +66,7 @@ def _error(argv, capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize("spec", ["./no/such/dir", "runs/typo"])
 def test_generate_on_a_missing_path_says_no_such_file(spec, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # an empty directory: a `runs/` left by `make demo` must not change the answer
+    monkeypatch.chdir(tmp_path)  # an empty directory: a `runs/` left by `make demo` must not change this
     code, err = _error(["generate", spec, "hi"], capsys)
     assert code == 1 and err == f"error: no such file or directory: {spec}\n"
 
