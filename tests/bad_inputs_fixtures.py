@@ -3,7 +3,7 @@
 `build_fixtures(root)` writes everything under `root` (a micro model saved once, then copied and broken
 one way per directory) and returns {name: path}; the test rows name their inputs by these names.
 `snapshot(root)` records every file's size, mtime and hash, so a row can assert that a refused
-command changed nothing on disk.
+command changed nothing on disk. `Row` / `R` / `both` are how the test's rows are written.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import shutil
 import socket
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +24,24 @@ from widemoe.model.causal_lm import WideMoeForCausalLM
 from widemoe.presets import get_preset
 
 WEIGHTS = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    argv: tuple[str, ...]
+    code: int
+    message: str  # regex searched in the single `error:` line of stderr
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def both(*parts: str) -> str:
+    """A regex that matches when every part matches, in any order (a path and the rule it breaks)."""
+    return "".join(f"(?=.*(?:{p}))" for p in parts)
+
+
+def R(id: str, argv: str | tuple[str, ...], code: int, message: str, **env: str) -> Row:
+    return Row(id, tuple(argv.split()) if isinstance(argv, str) else argv, code, message, env)
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, ...]]:

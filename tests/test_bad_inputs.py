@@ -22,13 +22,12 @@ from __future__ import annotations
 import re
 import sys
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
-from bad_inputs_fixtures import build_fixtures, snapshot
+from bad_inputs_fixtures import R, Row, both, build_fixtures, snapshot
 from widemoe.cli import main
 
 torch.set_num_threads(2)
@@ -37,24 +36,6 @@ torch.set_num_threads(2)
 T = ("--preset", "micro", "--vocab-size", "512", "--seq-len", "32", "--batch-size", "4", "--steps", "2",
      "--warmup-steps", "1", "--eval-every", "1000", "--save-every", "1000", "--no-progress")
 TN = (*T, "--run-dir", "{new_out}")  # into a new run directory
-
-
-@dataclass(frozen=True)
-class Row:
-    id: str
-    argv: tuple[str, ...]
-    code: int
-    message: str  # regex searched in the single `error:` line of stderr
-    env: dict[str, str] = field(default_factory=dict)
-
-
-def both(*parts: str) -> str:
-    """A regex that matches when every part matches, in any order (a path and the rule it breaks)."""
-    return "".join(f"(?=.*(?:{p}))" for p in parts)
-
-
-def R(id: str, argv: str | tuple[str, ...], code: int, message: str, **env: str) -> Row:
-    return Row(id, tuple(argv.split()) if isinstance(argv, str) else argv, code, message, env)
 
 
 ROWS: list[Row] = [

@@ -65,9 +65,8 @@ def test_echo_prompt_logprobs_equal_a_full_forward(family):
     _, model, engine = family
     p = prompts(1, seed=5)[0]
     out = run(engine, [SeqParams(p, max_tokens=1, temperature=0, logprobs=5, prompt_logprobs=True)])
-    first = out.outputs[0][0]
-    entries = first.prompt_logprobs + out.final(0).logprobs if len(out.outputs[0]) == 1 else \
-        first.prompt_logprobs + first.logprobs
+    first = out.outputs[0][0]  # max_tokens=1: the only output, prompt entries then the new token's
+    entries = first.prompt_logprobs + first.logprobs
     assert len(entries) == len(p) + 1 and entries[0] is None
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([p])).logits[0].float(), -1)
