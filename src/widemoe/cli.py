@@ -21,7 +21,9 @@ from widemoe import __version__
 from widemoe.commands.errors import EXIT_INTERRUPTED, EXIT_USAGE, USER_ERRORS, exit_status, one_line
 
 # Subcommands in the order `widemoe --help` lists them.
-COMMANDS = ("train", "generate", "report", "inspect", "convert", "export", "cost", "serve", "eval")
+COMMANDS = (
+    "train", "generate", "report", "inspect", "convert", "export", "cost", "serve", "eval", "experiment",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,9 @@ be tuned to the results. Layout (every key is checked; `widemoe/experiment/suite
 shipped example):
 
     [suite]                 name, description, preset, the training settings every arm shares
-                            (steps, seq_len, batch_size, lr, ...: `TRAIN_FIELDS`) and
+                            (steps, seq_len, batch_size, lr, ...: `TRAIN_FIELDS`), final_eval_batches
+                            (the held-out batches per domain of every run's final evaluation; default
+                            all) and
     [suite.model]           model-config overrides every arm shares (widemoe.config.ModelConfig fields)
     [quick]                 `--quick`: steps (replaces suite.steps) and seeds (caps every arm's seeds)
     [[arm]]                 name, seeds, optional steps_factor (scales suite.steps: the dense ladder),
@@ -56,7 +58,7 @@ TRAIN_FIELDS = (
 METRICS = ("heldout_loss", "maxvio_batch", "maxvio_global", "dead_experts", "tokens_per_s")
 DIRECTIONS = ("lower_is_better", "higher_is_better")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # arm names become run ids and directory names
-_SUITE_KEYS = ("name", "description", "preset", "model", *TRAIN_FIELDS)
+_SUITE_KEYS = ("name", "description", "preset", "model", "final_eval_batches", *TRAIN_FIELDS)
 _ARM_KEYS = ("name", "seeds", "steps_factor", "model", "train")
 _QUICK_KEYS = ("steps", "seeds")
 _MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
@@ -124,6 +126,7 @@ class Suite:
     quick_seeds: int | None = None
     is_quick: bool = False  # built by `quick()`: a smoke test, not evidence
     path: str = ""
+    final_eval_batches: int | None = None  # per domain, of batch_size windows; None: the whole held-out set
 
     def arm(self, name: str) -> Arm:
         for a in self.arms:
@@ -218,6 +221,9 @@ def _read_suite_table(path: Path, d: dict[str, Any]) -> dict[str, Any]:
     _check_name(where, s["name"])
     description = s.get("description", "")
     _need(isinstance(description, str), where, "description", description, "must be text")
+    if "final_eval_batches" in s:
+        n = s["final_eval_batches"]
+        _need(_is_int(n) and n >= 1, where, "final_eval_batches", n, "must be an integer >= 1")
     rule = f"must be one of {', '.join(PRESET_NAMES)}"
     _need(s["preset"] in PRESET_NAMES, where, "preset", s["preset"], rule)
     model = s.get("model", {})
@@ -321,7 +327,7 @@ def load_suite(path: str | Path) -> Suite:
         name=s["name"], description=s.get("description", ""), preset=s["preset"],
         model=dict(s.get("model", {})),
         train=train, arms=tuple(arms), comparisons=tuple(comparisons), quick_steps=quick_steps,
-        quick_seeds=quick_seeds, path=str(p),
+        quick_seeds=quick_seeds, path=str(p), final_eval_batches=s.get("final_eval_batches"),
     )
     _check_buildable(suite, p)
     return suite
