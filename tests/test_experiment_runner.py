@@ -214,7 +214,6 @@ def test_resume_after_a_crash_past_the_last_checkpoint(suite_file, reference, tm
     assert_same_heldout([record], reference)
 
 
-@pytest.mark.xfail(strict=True, reason="run_metrics keeps the records a resumed run redid (duplicate steps)")
 def test_run_metrics_drop_what_a_resumed_run_redid():
     def train(step: int) -> dict[str, Any]:
         return {"kind": "train", "step": step, "loss": 5.0, "tokens_per_s": 100.0, "step_time": 1.0}

@@ -28,6 +28,7 @@ ROUTING_METRICS = ("maxvio_batch", "maxvio_global", "dead_experts", "mi_bits")
 
 def run_metrics(records: list[dict[str, Any]], final: dict[str, Any], steps: int) -> dict[str, Any]:
     """`metrics` (the comparable numbers), `curves` (per eval and per step) and the routing tables."""
+    records = _redone_dropped(records)
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     losses = final["heldout_loss"]
@@ -54,6 +55,17 @@ def run_metrics(records: list[dict[str, Any]], final: dict[str, Any], steps: int
     }
     return {"metrics": metrics, "curves": curves, "heldout_max_vio": final["heldout_max_vio"],
             "domain_expert_counts": counts}
+
+
+def _redone_dropped(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A resumed run redoes the steps after its checkpoint: drop the train and eval records that the
+    interrupted part wrote after the `resume` record's step, so each step counts once."""
+    out: list[dict[str, Any]] = []
+    for r in records:
+        if r.get("kind") == "resume":
+            out = [x for x in out if x.get("kind") not in ("train", "eval") or x["step"] <= r["step"]]
+        out.append(r)
+    return out
 
 
 def _elapsed_at(train: list[dict[str, Any]]) -> dict[int, float]:
