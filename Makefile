@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 EVAL_STAMP := $(VENV)/.installed-eval
 
-.PHONY: test demo eval lint bench clean setup
+.PHONY: test demo eval experiment experiment-quick lint bench clean setup
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,17 @@ eval: $(EVAL_STAMP)
 	test -f $(DEMO_RUN)/summary.json || $(BIN)/python -m widemoe.demo --run-dir $(DEMO_RUN)
 	$(BIN)/widemoe eval $(DEMO_RUN) --init
 	$(BIN)/widemoe eval $(DEMO_RUN)
+
+# `make experiment`: the seed-claims suite (issue 14; about 70-90 min on 2 cores, two runs at a time;
+# interrupted, it continues where it stopped) and its report (experiments/seed-claims/report.md).
+# `make experiment-quick`: the same suite's smoke test (under 10 min), not evidence.
+experiment: $(STAMP)
+	$(BIN)/widemoe experiment seed-claims --jobs 2 --out experiments/seed-claims
+	$(BIN)/widemoe experiment report experiments/seed-claims
+
+experiment-quick: $(STAMP)
+	$(BIN)/widemoe experiment seed-claims --quick --jobs 2 --out experiments/seed-claims-quick
+	$(BIN)/widemoe experiment report experiments/seed-claims-quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
