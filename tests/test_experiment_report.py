@@ -115,7 +115,7 @@ def _record(arm: str, seed: int, loss: float, routed: bool, steps: int = 10, bal
         "heldout_loss_by_domain": {"prose": loss + 0.1, "code": loss - 0.1, "math": loss},
         "maxvio_batch": 0.3 if routed else None, "maxvio_global": 0.2 + 0.01 * seed if routed else None,
         "dead_experts": 0 if routed else None, "mi_bits": 0.05 if routed else None,
-        "tokens_per_s": 1000.0, "train_seconds": 10.0 * steps / 10,
+        "tokens_per_s": 500.0 if routed else 1000.0, "train_seconds": 10.0 * steps / 10,
     }
     return {
         "run_id": f"{arm}-s{seed}", "arm": arm, "seed": seed, "suite": "synthetic", "quick": False,
@@ -199,6 +199,7 @@ def test_compute_multiplier_interpolates_the_dense_ladder_in_log_compute():
     assert out["moe"]["seconds"]["ratio"] == pytest.approx(math.sqrt(2) / 2)
     assert out["moe-best"]["flops"] == {"bound": "greater", "ratio": pytest.approx(2.0)}
     assert out["moe-worst"]["flops"] == {"bound": "less", "ratio": pytest.approx(0.5)}
+    assert "speed_vs_dense" not in out["moe"]  # the arms above have no measured FLOP/s
     assert compute_multiplier(arms[3:])["arms"] == {}  # no ladder: nothing read
 
 
@@ -211,6 +212,9 @@ def test_page_summary_and_figures(tmp_path):
     assert SMOKE not in text and "missing runs" not in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["recorded_runs"] == summary["planned_runs"] == 17
+    # Same FLOPs per token, half the tokens/s: the MoE arms train at half the dense FLOP/s.
+    assert summary["compute"]["arms"]["A"]["speed_vs_dense"] == pytest.approx(0.5)
+    assert "| 0.50× |" in text
     for name in ("granularity", "differences", "maxvio", "compute"):
         png = out / "figures" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

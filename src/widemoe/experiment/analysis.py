@@ -168,6 +168,7 @@ def compute_multiplier(arms: list[dict[str, Any]]) -> dict[str, Any]:
         return {"ladder": [], "arms": {}, "reason": "fewer than 2 dense arms: no ladder to read against"}
     ladder = [{"arm": a["arm"], "flops": a["flops_per_token"] * a["tokens"],
                "seconds": a["train_seconds"]["mean"], "loss": a["heldout_loss"]["mean"]} for a in dense]
+    dense_rate = [a["flops_per_s"]["mean"] for a in dense if a.get("flops_per_s")]
     out: dict[str, Any] = {}
     for a in arms:
         if not a["routed"]:
@@ -175,6 +176,8 @@ def compute_multiplier(arms: list[dict[str, Any]]) -> dict[str, Any]:
         loss = a["heldout_loss"]["mean"]
         own = {"flops": a["flops_per_token"] * a["tokens"], "seconds": a["train_seconds"]["mean"]}
         out[a["arm"]] = {k: _read_ladder(ladder, k, loss, own[k]) for k in ("flops", "seconds")}
+        if dense_rate and a.get("flops_per_s"):  # the MoE layer's cost per FLOP on this machine
+            out[a["arm"]]["speed_vs_dense"] = a["flops_per_s"]["mean"] / float(np.mean(dense_rate))
     return {"ladder": ladder, "arms": out}
 
 

@@ -128,10 +128,14 @@ def _compute(s: dict[str, Any]) -> list[str]:
            "own, "
            "interpolated on the dense ladder ("
            + ", ".join(f"{p['arm']}: loss {p['loss']:.3f}" for p in c["ladder"])
-           + ") in log compute. '>' and '<': the MoE loss lies beyond the ladder's end (a bound).", "",
-           "| MoE arm | in FLOPs | in training seconds |", "|---|---|---|"]
+           + ") in log compute. '>' and '<': the MoE loss lies beyond the ladder's end (a bound). Training "
+           "FLOP/s against dense: how fast the MoE arm trains per FLOP on this machine, relative to the "
+           "dense arms (the wall-clock multiplier is about the FLOPs one times this).", "",
+           "| MoE arm | in FLOPs | in training seconds | training FLOP/s against dense |",
+           "|---|---|---|---|"]
     for arm, r in c["arms"].items():
-        out.append(f"| {arm} | {_ratio(r['flops'])} | {_ratio(r['seconds'])} |")
+        speed = f"{r['speed_vs_dense']:.2f}×" if r.get("speed_vs_dense") else "–"
+        out.append(f"| {arm} | {_ratio(r['flops'])} | {_ratio(r['seconds'])} | {speed} |")
     return out + [""]
 
 
