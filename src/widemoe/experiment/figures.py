@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 DPI = 110
 VERDICT_COLOURS = {"supported": "tab:green", "not supported at this scale": "tab:red",
@@ -158,6 +159,7 @@ def compute(summary: dict[str, Any], results: list[dict[str, Any]], path: Path) 
             else:
                 ax.scatter(xs, ys, s=10, color="gray")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # a ladder spans ~4x: minor labels would overlap
         ax.set_xlabel(label)
         ax.set_ylabel("held-out loss")
         ax.grid(alpha=0.3)
