@@ -187,7 +187,7 @@ def test_a_metric_the_dense_arm_lacks_is_not_computed_with_the_reason(tmp_path):
 def test_compute_multiplier_interpolates_the_dense_ladder_in_log_compute():
     def arm(name, routed, tokens, loss, seconds):
         return {"arm": name, "routed": routed, "tokens": tokens, "flops_per_token": 1.0,
-                "heldout_loss": {"mean": loss}, "train_seconds": {"mean": seconds}}
+                "heldout_loss": {"mean": loss}, "tokens_per_s": {"mean": tokens / seconds}}
 
     arms = [arm("d-half", False, 100, 5.0, 10.0), arm("d-1", False, 200, 4.8, 20.0),
             arm("d-2", False, 400, 4.6, 40.0), arm("moe", True, 200, 4.7, 40.0),
@@ -195,7 +195,8 @@ def test_compute_multiplier_interpolates_the_dense_ladder_in_log_compute():
     out = compute_multiplier(arms)["arms"]
     # 4.7 lies halfway between the 1x (200) and 2x (400) dense points: 200 * 2 ** 0.5 FLOPs.
     assert out["moe"]["flops"] == {"bound": None, "ratio": pytest.approx(math.sqrt(2))}
-    # In seconds the MoE arm took 40 s, the dense ladder reaches its loss in 20 * 2 ** 0.5 s.
+    # In seconds (tokens at the median speed) the MoE arm took 40 s, the dense ladder reaches its loss in
+    # 20 * 2 ** 0.5 s.
     assert out["moe"]["seconds"]["ratio"] == pytest.approx(math.sqrt(2) / 2)
     assert out["moe-best"]["flops"] == {"bound": "greater", "ratio": pytest.approx(2.0)}
     assert out["moe-worst"]["flops"] == {"bound": "less", "ratio": pytest.approx(0.5)}

@@ -11,7 +11,9 @@ plain dict (the report's summary.json):
   the verdict by the rule written in the suite file.
 - compute: for every MoE arm, how much dense compute reaches its held-out loss, interpolated on the dense
   ladder (arms without routing, at several step counts) in log FLOPs and in log training seconds. A loss
-  beyond the ladder's ends gives a bound ("> 2.0"), not an extrapolation.
+  beyond the ladder's ends gives a bound ("> 2.0"), not an extrapolation. Training seconds here are the
+  run's tokens at its median step speed: a shared machine's passing stalls (summed step times) would
+  otherwise decide the wall-clock ratio.
 - arms: per arm the mean and spread of every recorded metric, FLOPs per token and achieved FLOP/s.
 """
 
@@ -166,19 +168,24 @@ def compute_multiplier(arms: list[dict[str, Any]]) -> dict[str, Any]:
     dense = sorted((a for a in arms if not a["routed"]), key=lambda a: a["tokens"])
     if len(dense) < 2:
         return {"ladder": [], "arms": {}, "reason": "fewer than 2 dense arms: no ladder to read against"}
-    ladder = [{"arm": a["arm"], "flops": a["flops_per_token"] * a["tokens"],
-               "seconds": a["train_seconds"]["mean"], "loss": a["heldout_loss"]["mean"]} for a in dense]
+    ladder = [{"arm": a["arm"], "flops": a["flops_per_token"] * a["tokens"], "seconds": _seconds(a),
+               "loss": a["heldout_loss"]["mean"]} for a in dense]
     dense_rate = [a["flops_per_s"]["mean"] for a in dense if a.get("flops_per_s")]
     out: dict[str, Any] = {}
     for a in arms:
         if not a["routed"]:
             continue
         loss = a["heldout_loss"]["mean"]
-        own = {"flops": a["flops_per_token"] * a["tokens"], "seconds": a["train_seconds"]["mean"]}
+        own = {"flops": a["flops_per_token"] * a["tokens"], "seconds": _seconds(a)}
         out[a["arm"]] = {k: _read_ladder(ladder, k, loss, own[k]) for k in ("flops", "seconds")}
         if dense_rate and a.get("flops_per_s"):  # the MoE layer's cost per FLOP on this machine
             out[a["arm"]]["speed_vs_dense"] = a["flops_per_s"]["mean"] / float(np.mean(dense_rate))
     return {"ladder": ladder, "arms": out}
+
+
+def _seconds(arm: dict[str, Any]) -> float:
+    """Training seconds of an arm at its median step speed (mean over seeds)."""
+    return arm["tokens"] / arm["tokens_per_s"]["mean"]
 
 
 def _read_ladder(ladder: list[dict[str, Any]], key: str, loss: float, own: float) -> dict[str, Any]:

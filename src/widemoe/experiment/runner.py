@@ -99,7 +99,7 @@ def train_run(suite: Suite, run: Run, out: Path, stop_at: int | None = None) -> 
     path = result_path(out, run)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.write_text(json.dumps(record, separators=(",", ":")) + "\n")  # compact: suites' records get committed
     os.replace(tmp, path)  # a result file exists only complete
     return record
 
