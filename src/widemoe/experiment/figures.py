@@ -6,8 +6,8 @@
   [-margin, +margin], one panel per metric, primary comparisons in bold.
 - maxvio.png: MaxVio of each training batch per step for the arms that differ only in balancing (mean
   over seeds), on a log axis.
-- compute.png: held-out loss against training FLOPs and against training seconds: the dense ladder as a
-  line, each routed arm as a point (seed dots and mean).
+- compute.png: held-out loss against training FLOPs and against training seconds (tokens at the run's
+  median step speed): the dense ladder's means as a line, a dot per run.
 Each function returns the path it wrote, or None when the suite has nothing to draw for it.
 """
 
@@ -62,8 +62,9 @@ def granularity(summary: dict[str, Any], results: list[dict[str, Any]], path: Pa
         on_line = a in line
         ax.scatter(xs, ys, s=18, facecolors="tab:blue" if on_line else "none",
                    edgecolors="tab:blue" if on_line else "tab:gray", zorder=3)
-        ax.annotate(a["arm"], (a["experts"], a["heldout_loss"]["mean"]), fontsize=7,
-                    xytext=(4, 4), textcoords="offset points", color="black" if on_line else "gray")
+        if on_line or all(b["experts"] != a["experts"] for b in line):  # labels on a crowded E would overlap
+            ax.annotate(a["arm"], (a["experts"], a["heldout_loss"]["mean"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points", color="black" if on_line else "gray")
     if len(line) > 1:
         pts = sorted((a["experts"], a["heldout_loss"]["mean"]) for a in line)
         ax.plot(*zip(*pts, strict=True), color="tab:blue", lw=1.2, label="mean over seeds")
@@ -150,21 +151,21 @@ def compute(summary: dict[str, Any], results: list[dict[str, Any]], path: Path) 
         ax.plot([p[key] for p in pts], [p["loss"] for p in pts], "-s", color="black", label="dense ladder")
         for a in summary["arms"]:
             runs = _runs_of(results, a["arm"])
-            xs = [r["flops_per_token"] * a["tokens"] if key == "flops" else r["metrics"]["train_seconds"]
-                  for r in runs]
+            # seconds as the ladder counts them: the run's tokens at its median step speed
+            xs = [r["flops_per_token"] * a["tokens"] if key == "flops"
+                  else a["tokens"] / r["metrics"]["tokens_per_s"] for r in runs]
             ys = [r["metrics"]["heldout_loss"] for r in runs]
             if a["routed"]:
-                ax.scatter(xs, ys, s=14, alpha=0.6)
-                ax.annotate(a["arm"], (float(np.mean(xs)), float(np.mean(ys))), fontsize=7)
+                ax.scatter(xs, ys, s=14, alpha=0.7, label=a["arm"])
             else:
-                ax.scatter(xs, ys, s=10, color="gray")
+                ax.scatter(xs, ys, s=12, color="black", marker="x", linewidths=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # a ladder spans ~4x: minor labels would overlap
         ax.set_xlabel(label)
         ax.set_ylabel("held-out loss")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return _save(fig, path, "MoE against the dense compute ladder", summary["quick"])
+        ax.legend(fontsize=6, ncol=2)
+    return _save(fig, path, "MoE against the dense compute ladder (dots: one run each)", summary["quick"])
 
 
 def draw_all(summary: dict[str, Any], results: list[dict[str, Any]], folder: Path) -> list[Path]:
