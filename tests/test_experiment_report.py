@@ -255,3 +255,15 @@ def test_the_committed_seed_claims_run_regenerates_its_summary():
     assert fresh == committed
     assert fresh["recorded_runs"] == fresh["planned_runs"] == 33 and fresh["missing_runs"] == []
     assert fresh["quick"] is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["experiment", "report"], "report needs the suite's output directory"),
+    (["experiment", "probe"], "probe needs a model"),
+    (["experiment", "seed-claims", "extra"], "unexpected argument 'extra' after the suite"),
+])
+def test_experiment_usage_errors_exit_2_and_say_what_is_missing(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

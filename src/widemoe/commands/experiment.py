@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="probe: fractions of the routed experts masked per token (default %(default)s)")
     p.add_argument("--batches", type=_positive, default=None,
                    help="probe: held-out batches per domain (default: all)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, experiment_parser=p)  # usage errors below: argparse's message and status 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.target == "probe":
         return _probe(args)
     if args.path is not None:
-        raise SystemExit(f"widemoe experiment: error: unexpected argument {args.path!r} after the suite "
-                         "(did you mean 'widemoe experiment report DIR'?)")
+        args.experiment_parser.error(f"unexpected argument {args.path!r} after the suite "
+                                     "(did you mean 'widemoe experiment report DIR'?)")
     return _run_suite(args)
 
 
@@ -85,8 +85,8 @@ def _report(args: argparse.Namespace) -> int:
     from widemoe.experiment.report import write_report
 
     if args.path is None:
-        raise SystemExit("widemoe experiment: error: report needs the suite's output directory: "
-                         "widemoe experiment report DIR")
+        args.experiment_parser.error("report needs the suite's output directory: "
+                                     "widemoe experiment report DIR")
     page = write_report(Path(args.path))
     print(f"wrote {page}")
     return 0
@@ -96,7 +96,7 @@ def _probe(args: argparse.Namespace) -> int:
     from widemoe.experiment.probes import parse_ratios, run_probes
 
     if args.path is None:
-        raise SystemExit("widemoe experiment: error: probe needs a model: widemoe experiment probe MODEL")
+        args.experiment_parser.error("probe needs a model: widemoe experiment probe MODEL")
     out = run_probes(args.path, parse_ratios(args.ratios), batches=args.batches)
     print(out)
     return 0
