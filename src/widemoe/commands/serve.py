@@ -102,4 +102,6 @@ def run(args: argparse.Namespace) -> int:
     server.run()
     if server.load_failure is not None:
         raise server.load_failure
+    if server.uvicorn.interrupted:  # uvicorn re-raises the SIGINT it handled, but not on every path
+        raise KeyboardInterrupt
     return 0

@@ -15,6 +15,7 @@ On exit the engine shuts down first (running sequences end, their streams close)
 from __future__ import annotations
 
 import logging
+import signal
 import socket
 import threading
 import time
@@ -124,8 +125,10 @@ class _Uvicorn(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_exit = on_exit
+        self.interrupted = False  # Ctrl-C stopped it: `widemoe serve` then exits 130 like every command
 
     def handle_exit(self, sig: int, frame: Any) -> None:
+        self.interrupted = self.interrupted or sig == signal.SIGINT
         self._on_exit()
         super().handle_exit(sig, frame)
 
