@@ -17,11 +17,7 @@ import argparse
 import os
 from pathlib import Path
 
-
-def _positive(text: str) -> int:
-    from widemoe.commands.eval import positive
-
-    return positive(text)
+from widemoe.commands.eval import positive  # light: argparse and pathlib only at import
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -34,19 +30,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("path", nargs="?", metavar="DIR|MODEL",
                    help="report: the suite's output directory; probe: the run directory or model")
     p.add_argument("--quick", action="store_true", help="the suite's [quick] version (a smoke test)")
-    p.add_argument("--seeds", type=_positive, default=None,
+    p.add_argument("--seeds", type=positive, default=None,
                    help="seeds of the fully seeded arms (others are capped at it; default: the suite's)")
     p.add_argument("--out", default=None,
                    help="output directory (default: experiments/<suite>, or experiments/<suite>-quick)")
-    p.add_argument("--jobs", type=_positive, default=1,
+    p.add_argument("--jobs", type=positive, default=1,
                    help="runs trained at the same time, each in its own process (default 1)")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=positive, default=None,
                    help="torch threads per run (default: all cores with --jobs 1, else 1)")
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep every run's checkpoints (default: deleted once the run is recorded)")
     p.add_argument("--ratios", default="0.05,0.1,0.2",
                    help="probe: fractions of the routed experts masked per token (default %(default)s)")
-    p.add_argument("--batches", type=_positive, default=None,
+    p.add_argument("--batches", type=positive, default=None,
                    help="probe: held-out batches per domain (default: all)")
     p.set_defaults(func=run, experiment_parser=p)  # usage errors below: argparse's message and status 2
 

@@ -35,13 +35,10 @@ from widemoe.experiment.stats import (
     welch_difference,
 )
 from widemoe.experiment.suite import Comparison, Suite, SuiteError, interleaved_runs, load_suite
+from widemoe.report.analysis import ReportError  # the report's error: a directory it cannot use (exit 1)
 
 ARM_METRICS = ("heldout_loss", "maxvio_batch", "maxvio_global", "dead_experts", "mi_bits", "tokens_per_s",
                "train_seconds")
-
-
-class ReportError(ValueError):
-    """A suite directory that cannot be reported: the message names the file and what is wrong."""
 
 
 def load_suite_dir(out: Path) -> tuple[Suite, dict[str, Any], list[dict[str, Any]]]:

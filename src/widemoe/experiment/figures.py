@@ -17,26 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-DPI = 110
+from widemoe.report.plots import new_figure, save_figure
+
 VERDICT_COLOURS = {"supported": "tab:green", "not supported at this scale": "tab:red",
                    "inconclusive": "tab:orange", "not computed": "tab:gray"}
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _save(fig: Figure, path: Path, title: str, quick: bool) -> Path:
     fig.suptitle(title + (" (smoke test, not evidence)" if quick else ""), fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
-    return path
+    return save_figure(fig, path)
 
 
 def _runs_of(results: list[dict[str, Any]], arm: str) -> list[dict[str, Any]]:
@@ -53,7 +45,7 @@ def granularity(summary: dict[str, Any], results: list[dict[str, Any]], path: Pa
     balance = routed[0]["balance"]
     line = [a for a in routed if a["shared"] == 0 and a["balance"] == balance
             and results_width(results, a["arm"]) == ref]
-    fig = _figure(6.0, 4.0)
+    fig = new_figure(6.0, 4.0)
     ax = fig.add_subplot()
     for a in routed:
         runs = _runs_of(results, a["arm"])
@@ -89,7 +81,7 @@ def differences(summary: dict[str, Any], path: Path) -> Path | None:
     if not rows:
         return None
     metrics = list(dict.fromkeys(c["metric"] for c in rows))
-    fig = _figure(7.5, 1.2 + 0.45 * len(rows))
+    fig = new_figure(7.5, 1.2 + 0.45 * len(rows))
     axes = fig.subplots(len(metrics), 1, squeeze=False,
                         gridspec_kw={"height_ratios": [sum(c["metric"] == m for c in rows) for m in metrics]})
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
@@ -125,7 +117,7 @@ def maxvio(summary: dict[str, Any], results: list[dict[str, Any]], path: Path) -
     group = max(by_shape.values(), key=lambda g: len({a["balance"] for a in g}), default=[])
     if len({a["balance"] for a in group}) < 2:
         return None
-    fig = _figure(6.5, 4.0)
+    fig = new_figure(6.5, 4.0)
     ax = fig.add_subplot()
     for a in group:
         curves = [[p["max_vio"] for p in r["curves"]["train"]] for r in _runs_of(results, a["arm"])]
@@ -144,7 +136,7 @@ def compute(summary: dict[str, Any], results: list[dict[str, Any]], path: Path) 
     ladder = summary["compute"]["ladder"]
     if not ladder:
         return None
-    fig = _figure(10.0, 4.0)
+    fig = new_figure(10.0, 4.0)
     for ax, key, label in zip(fig.subplots(1, 2), ("flops", "seconds"),
                               ("training FLOPs", "training seconds (this CPU)"), strict=True):
         pts = sorted(ladder, key=lambda p: p[key])

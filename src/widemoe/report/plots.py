@@ -29,13 +29,13 @@ MAX_HEATMAP_LAYERS = 12  # domain x expert panels; deeper models show evenly spa
 ANNOTATE_MAX_EXPERTS = 16  # write the value in each heatmap cell up to this many experts
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     return path
@@ -62,7 +62,7 @@ def plot_loss_by_domain(run: RunData, path: Path) -> Path | None:
                                  + [d for e in run.evals for d in e.get("heldout_loss", {})]))
     if not domains:
         return None
-    fig = _new_figure(9, 4.6)
+    fig = new_figure(9, 4.6)
     ax = fig.add_subplot()
     unigram = run.summary.get("unigram_loss", {}) or {}
     for color, d in zip(_colors(len(domains)), domains):
@@ -82,7 +82,7 @@ def plot_loss_by_domain(run: RunData, path: Path) -> Path | None:
     ax.set_title("Loss per domain: train (lines), held-out (points), unigram baseline (dashed)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves fill the axes
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_max_vio(run: RunData, path: Path) -> Path | None:
@@ -98,7 +98,7 @@ def plot_max_vio(run: RunData, path: Path) -> Path | None:
     config = (run.start or {}).get("config", {})
     n_layers = config.get("num_hidden_layers")
     many = len(layers) > MAX_LINE_LAYERS
-    fig = _new_figure(9, 4.6)
+    fig = new_figure(9, 4.6)
     ax = fig.add_subplot()
     highest = 0.0
     for color, layer in zip(_colors(len(layers)), layers):
@@ -143,7 +143,7 @@ def plot_max_vio(run: RunData, path: Path) -> Path | None:
     ax.set_title("Load imbalance per MoE layer (0 = perfectly balanced)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _annotate(ax, values_RC: np.ndarray, fmt: str, dark_RC: np.ndarray) -> None:
@@ -166,7 +166,7 @@ def plot_expert_load(layers: Sequence[LayerRouting], path: Path, eval_step: int,
         mean = lr.load_E.mean()
         rel[i, : lr.n_experts] = lr.load_E / mean if mean > 0 else 0.0
     vmax = max(2.0, float(np.nanmax(rel)))
-    fig = _new_figure(min(16, max(7.5, 3 + 0.32 * n_exp)), 1.9 + min(12.0, 0.45 * len(layers)))
+    fig = new_figure(min(16, max(7.5, 3 + 0.32 * n_exp)), 1.9 + min(12.0, 0.45 * len(layers)))
     ax = fig.add_subplot()
     im = ax.imshow(rel, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax),
                    interpolation="nearest")
@@ -180,7 +180,7 @@ def plot_expert_load(layers: Sequence[LayerRouting], path: Path, eval_step: int,
     ax.set_title(f"Expert load on the held-out set (step {eval_step})\n"
                  "relative to the layer mean: 1.0 = balanced", fontsize=10)
     fig.colorbar(im, ax=ax, label="load / mean load")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _expert_ticks(n_experts: int) -> range:
@@ -204,7 +204,7 @@ def plot_domain_expert(layers: Sequence[LayerRouting], path: Path, eval_step: in
     n_exp = max(lr.n_experts for lr in shown)
     n_dom = max(len(lr.domains) for lr in shown)
     vmax = 100 * max(float(lr.share_DE.max()) for lr in shown) or 100.0  # in %
-    fig = _new_figure(min(16, max(7.5, 3 + 0.32 * n_exp)), 1.1 + len(shown) * (0.55 + 0.32 * n_dom))
+    fig = new_figure(min(16, max(7.5, 3 + 0.32 * n_exp)), 1.1 + len(shown) * (0.55 + 0.32 * n_dom))
     axes = fig.subplots(len(shown), 1, squeeze=False)[:, 0]
     im = None
     for ax, lr in zip(axes, shown):
@@ -221,7 +221,7 @@ def plot_domain_expert(layers: Sequence[LayerRouting], path: Path, eval_step: in
     fig.suptitle(f"Domain x expert routing on the held-out set (step {eval_step}){note}\n"
                  f"share of each domain's assignments in % (uniform router: {100 / n_exp:.1f}%)", fontsize=10)
     fig.colorbar(im, ax=list(axes), label="% of the domain's token-expert assignments")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bias_range(run: RunData, path: Path) -> Path | None:
@@ -231,7 +231,7 @@ def plot_bias_range(run: RunData, path: Path) -> Path | None:
     if not pts:
         return None
     x, lo, hi = np.array(pts).T
-    fig = _new_figure(8, 3.6)
+    fig = new_figure(8, 3.6)
     ax = fig.add_subplot()
     ax.fill_between(x, lo, hi, color="tab:blue", alpha=0.2, label="range over all experts and layers")
     ax.plot(x, hi, color="tab:red", lw=1.4, label="max bias")
@@ -242,4 +242,4 @@ def plot_bias_range(run: RunData, path: Path) -> Path | None:
     ax.set_title("Aux-loss-free balancing: range of the expert selection biases")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path)
