@@ -174,17 +174,23 @@ def run_suite(
     notify(f"suite {suite.name}{label}: {len(runs)} runs, {len(runs) - len(todo)} already recorded, "
            f"{len(todo)} to train into {out}")
     progress = _Progress(suite, runs, todo, notify)
+
+    def recorded(run: Run) -> None:  # the run's result file exists: its checkpoints are no longer needed
+        if not keep_checkpoints:
+            shutil.rmtree(run_dir_of(out, run) / "checkpoints", ignore_errors=True)
+        progress.done(run, out)
+
     if jobs <= 1:
         for run in todo:
             train_run(suite, run, out)
-            progress.done(run, out, keep_checkpoints)
+            recorded(run)
     else:
-        _run_parallel(suite, todo, out, jobs, threads, keep_checkpoints, progress)
+        _run_parallel(suite, todo, out, jobs, threads, recorded)
     return [json.loads(result_path(out, r).read_text()) for r in runs]
 
 
-def _run_parallel(suite: Suite, todo: list[Run], out: Path, jobs: int, threads: int, keep: bool,
-                  progress: _Progress) -> None:
+def _run_parallel(suite: Suite, todo: list[Run], out: Path, jobs: int, threads: int,
+                  recorded: Callable[[Run], None]) -> None:
     """`jobs` runs at a time in spawned processes, started in the interleaved order."""
     pending: dict[Future, Run] = {}
     queue = list(todo)
@@ -197,7 +203,7 @@ def _run_parallel(suite: Suite, todo: list[Run], out: Path, jobs: int, threads: 
             for f in finished:
                 run = pending.pop(f)
                 f.result()  # a failed run stops the suite with its error
-                progress.done(run, out, keep)
+                recorded(run)
 
 
 class _Progress:
@@ -210,10 +216,8 @@ class _Progress:
         self.total_todo = self.left
         self.n, self.count = len(runs) - len(todo), len(runs)
 
-    def done(self, run: Run, out: Path, keep_checkpoints: bool) -> None:
+    def done(self, run: Run, out: Path) -> None:
         rec = json.loads(result_path(out, run).read_text())
-        if not keep_checkpoints:
-            shutil.rmtree(run_dir_of(out, run) / "checkpoints", ignore_errors=True)
         self.n += 1
         self.left -= self.steps[run.run_id]
         elapsed = time.time() - self.t0
